@@ -1,0 +1,272 @@
+"""A Llama-family transformer in plain PyTorch: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2.
+
+This file stands alone (torch only) so it can be copied into another project. Module and parameter
+names mirror Hugging Face's (minus the leading "model."), so a HF state dict loads with no renaming.
+
+Attention goes through a cache object handed in by the caller (kv.StaticKVCache, or a paged cache):
+    meta = cache.prepare(input_pos)                 # once per forward: masks, block tables, ...
+    y = cache.attend(layer_idx, q, k, v, input_pos, meta)
+so the model never knows how or where keys and values are stored. With cache=None it runs plain
+causal attention over the tokens it is given (what a training loop or a logits test wants).
+"""
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF-style: {"rope_type": "linear"|"llama3"|"yarn", "factor": ..., ...}
+    max_seq_len: int = 4096  # HF max_position_embeddings
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # q/k/v bias (Qwen2)
+    sliding_window: int | None = None  # Mistral; Qwen2 with use_sliding_window
+    window_from_layer: int = 0  # layers >= this use the sliding window (Qwen2's max_window_layers)
+    arch: str = "llama"
+    extra: dict = field(default_factory=dict, repr=False)  # ids etc. the loader wants to keep
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in ("default", "linear", "llama3", "yarn"):
+                raise ValueError(f"unsupported rope scaling '{rope_type}' (supported: linear, llama3, yarn)")
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "ModelArgs":
+        """Reads a Hugging Face config.json dict (model_type llama, mistral, qwen2)."""
+        model_type = config.get("model_type", "?")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported architecture '{model_type}' (supported: llama, mistral, qwen2)")
+        # transformers 5 nests rope_theta inside rope_parameters; older configs use rope_theta + rope_scaling
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in ("llama3", "yarn"):
+            rope.setdefault("original_max_position_embeddings",
+                            config.get("original_max_position_embeddings", config["max_position_embeddings"]))
+        sliding_window = config.get("sliding_window")
+        window_from_layer = 0
+        if model_type == "qwen2":
+            use_window = config.get("use_sliding_window", False)
+            sliding_window = sliding_window if use_window else None
+            window_from_layer = config.get("max_window_layers", 0)
+        if model_type == "llama":
+            sliding_window = None
+        n_heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            ffn_dim=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope if rope_type != "default" else None,
+            max_seq_len=config.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attn_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+            sliding_window=sliding_window,
+            window_from_layer=window_from_layer,
+            arch=model_type,
+        )
+
+    def uses_window(self, layer_idx: int) -> bool:
+        return self.sliding_window is not None and layer_idx >= self.window_from_layer
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+# ---------------------------------------------------------------- RoPE
+
+def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim // 2] and the factor cos/sin are scaled by (YaRN's attention factor)."""
+    dim, base = args.head_dim, args.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by factor, blend smoothly in between
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        factor = scaling["factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn_factor = scaling.get("attention_factor")
+        if attn_factor is None:
+            if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+                attn_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+            else:
+                attn_factor = mscale(factor)
+
+        def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns over old_len
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate (divide by factor)
+        inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+        return inv_freq, float(attn_factor)
+    return inv_freq, 1.0
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, input_pos: torch.Tensor, attn_factor: float, dtype):
+    # input_pos [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32 as the reference does
+    freqs = input_pos.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * attn_factor, emb.sin() * attn_factor
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    # x [B, H, T, D]; rotate the two halves of each head (HF convention, not interleaved pairs)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window if args.uses_window(layer_idx) else None
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attn_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, input_pos, cache, meta):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            y = cache.attend(self.layer_idx, q, k, v, input_pos, meta)
+        else:
+            y = causal_attention(q, k, v, input_pos, self.window)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
+        return self.o_proj(y)
+
+
+def causal_attention(q, k, v, input_pos, window=None):
+    """Attention over just the given tokens (no cache): causal, optionally within a sliding window."""
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    qp, kp = input_pos[:, None, :, None], input_pos[:, None, None, :]  # [B, 1, T, 1], [B, 1, 1, T]
+    mask = (kp <= qp) & (kp > qp - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_idx)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, input_pos, cache, meta):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.rope_factor = rope_inv_freq(args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, tokens, input_pos=None, cache=None, logits_at=None):
+        """tokens [B, T] -> logits [B, T, vocab] (fp32).
+
+        input_pos [B, T]: the position of every token (rows may be at different positions).
+        logits_at [B]: if given, only the hidden state at index logits_at[b] of row b goes through the
+        head, giving logits [B, 1, vocab] (prefill needs the last prompt token only).
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)  # [B, T, dim]
+        cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
+        meta = cache.prepare(input_pos) if cache is not None else None
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, cache, meta)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
+        return self.lm_head(self.norm(x)).float()
+
+    def finish_loading(self, device):
+        """After weights were assigned into a model built on the meta device: re-tie, rebuild RoPE buffers."""
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(self.args)[0].to(device)
