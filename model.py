@@ -4,8 +4,8 @@ This file stands alone (torch only) so it can be copied into another project. Mo
 names mirror Hugging Face's (minus the leading "model."), so a HF state dict loads with no renaming.
 
 Attention goes through a cache object handed in by the caller (kv.StaticKVCache, or a paged cache):
-    meta = cache.prepare(input_pos)                 # once per forward: masks, block tables, ...
-    y = cache.attend(layer_idx, q, k, v, input_pos, meta)
+    meta = cache.prepare(input_pos)                        # once per forward: masks, block tables, ...
+    y = cache.layers[i].attend(q, k, v, input_pos, meta)   # layer i stores k, v and attends
 so the model never knows how or where keys and values are stored. With cache=None it runs plain
 causal attention over the tokens it is given (what a training loop or a logits test wants).
 """
@@ -186,14 +186,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, input_pos, cache, meta):
+    def forward(self, x, cos, sin, input_pos, kv, meta):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            y = cache.attend(self.layer_idx, q, k, v, input_pos, meta)
+        if kv is not None:
+            y = kv.attend(q, k, v, input_pos, meta)
         else:
             y = causal_attention(q, k, v, input_pos, self.window)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
@@ -228,8 +228,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, input_pos, cache, meta):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache, meta)
+    def forward(self, x, cos, sin, input_pos, kv, meta):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -259,8 +259,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
         meta = cache.prepare(input_pos) if cache is not None else None
-        for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, cache, meta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
         return self.lm_head(self.norm(x)).float()
