@@ -29,6 +29,8 @@ class LayerKV:
         rows = torch.arange(B, device=q.device)[:, None]  # [B, 1] broadcasts against input_pos [B, T]
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # the indexed view is [B, T, Hkv, D]
         self.v[rows, :, input_pos] = v.transpose(1, 2)
+        if meta is None:  # fresh prefill: the new tokens are all there is
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         causal, windowed = meta
         mask = windowed if self.windowed else causal  # [B, 1, T, kv_len]
         kv_len = mask.shape[-1]
@@ -52,7 +54,11 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
 
-    def prepare(self, input_pos):
+    def prepare(self, input_pos, fresh: bool = False):
+        """fresh: every row starts at position 0 (a prefill from scratch). Then attention needs only
+        the new tokens with a causal mask, which SDPA's flash kernel does without materialising one."""
+        if fresh and (self.window is None or input_pos.shape[1] <= self.window):
+            return None
         # input_pos [B, T] -> boolean masks [B, 1, T, kv_len]: causal, and causal within the window
         k_pos = torch.arange(self.kv_len, device=input_pos.device)
         q_pos = input_pos[:, None, :, None]

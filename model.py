@@ -245,25 +245,35 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, self.rope_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.decode_block = None  # compiled Block.forward for one-token steps (compile_decode)
 
     def forward(self, tokens, input_pos=None, cache=None, logits_at=None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
 
-        input_pos [B, T]: the position of every token (rows may be at different positions).
+        input_pos [B, T]: the position of every token (rows may be at different positions);
+        None means 0..T-1 in every row (a prefill from scratch, which takes the flash path).
         logits_at [B]: if given, only the hidden state at index logits_at[b] of row b goes through the
         head, giving logits [B, 1, vocab] (prefill needs the last prompt token only).
         """
         B, T = tokens.shape
-        if input_pos is None:
+        fresh = input_pos is None  # every row starts at position 0: causal attention over these tokens
+        if fresh:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
-        meta = cache.prepare(input_pos) if cache is not None else None
+        meta = cache.prepare(input_pos, fresh) if cache is not None else None
+        step = self.decode_block if T == 1 and self.decode_block is not None else Block.__call__
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
+            x = step(layer, x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
         return self.lm_head(self.norm(x)).float()
+
+    def compile_decode(self, **compile_kwargs):
+        """Compile the one-token step of a block. Every layer runs the same code on the same shapes
+        with its own weights and cache tensors as inputs, so it compiles once, not n_layers times;
+        prefill (any length) stays eager and never triggers a recompilation."""
+        self.decode_block = torch.compile(Block.forward, fullgraph=True, dynamic=False, **compile_kwargs)
 
     def finish_loading(self, device):
         """After weights were assigned into a model built on the meta device: re-tie, rebuild RoPE buffers."""

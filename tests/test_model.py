@@ -54,9 +54,10 @@ def make_pair(name, seed=0):
     return hf, ours, args
 
 
+@pytest.mark.parametrize("fresh", [True, False], ids=["flash-prefill", "masked-prefill"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 @torch.no_grad()
-def test_prefill_and_decode_match_transformers(name):
+def test_prefill_and_decode_match_transformers(name, fresh):
     hf, ours, args = make_pair(name)
     torch.manual_seed(1)
     prompt_len, new = 9, 6
@@ -66,7 +67,7 @@ def test_prefill_and_decode_match_transformers(name):
     assert (ours(tokens) - ref).abs().max() < 1e-4  # no cache: plain causal attention
 
     cache = StaticKVCache(args, batch_size=2, max_seq_len=32)
-    pos = torch.arange(prompt_len).expand(2, -1)
+    pos = None if fresh else torch.arange(prompt_len).expand(2, -1)  # None: positions 0.. in every row
     out = ours(tokens[:, :prompt_len], pos, cache)
     assert (out - ref[:, :prompt_len]).abs().max() < 1e-4
     for t in range(prompt_len, prompt_len + new):

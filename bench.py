@@ -1,0 +1,214 @@
+"""Benchmarks. Every figure stands beside its ceiling measured in the same run (copy bandwidth, matmul
+peak) and beside the reference implementation (Hugging Face transformers) run on the same weights.
+
+    python bench.py decode --preset llama-3-8b --device cuda            # random weights, real shapes
+    python bench.py decode --device cpu --json                          # the embedded SmolLM2 (real weights)
+    python bench.py decode --model path/or/repo --batch-size 8
+
+Prints a readable table, or with --json one JSON object per measurement on stdout.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from model import ModelArgs, Transformer
+from sampling import SamplingParams
+from scheduler import Engine, pick_device, pick_dtype
+
+PRESETS = {
+    "llama-3-8b": ModelArgs(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                            norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    "llama-2-7b": ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                            norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
+    "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                              norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_model(args: ModelArgs, device, dtype) -> Transformer:
+    """Real shapes, random weights (std 0.02), built straight on the device without a CPU copy."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.finish_loading(device)
+    return model.eval().requires_grad_(False)
+
+
+def copy_bandwidth(device, nbytes=None) -> float:
+    """Device memory copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    nbytes = nbytes or (2 << 30 if device.type == "cuda" else 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t) / 1e9
+
+
+def matmul_peak(device, dtype) -> float:
+    """Dense matmul TFLOP/s on random data in the model's dtype."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def reference_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, compile: bool):
+    """transformers on the same weights: greedy generate with its static cache (and its own compile
+    on GPU). Decode tok/s from the difference between generating new_tokens and 1 token."""
+    import transformers
+
+    a = model.args
+    cfg = transformers.LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+        tie_word_embeddings=a.tie_embeddings, rope_scaling=a.rope_scaling)
+    device, dtype = prompt.device, next(model.parameters()).dtype
+    with torch.device(device):
+        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    ref.load_state_dict(state, strict=False)
+    ref.eval()
+    B = prompt.shape[0]
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if compile:
+        kw["cache_implementation"] = "static"
+
+    def run(n):
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        assert out.shape[1] == prompt.shape[1] + n
+        return time.perf_counter() - t
+
+    t_first = run(1)  # first call: compilation included on GPU
+    run(new_tokens)  # warm-up at full length
+    t1 = min(run(1) for _ in range(2))
+    tn = min(run(new_tokens) for _ in range(2))
+    del ref
+    return {"ref_tok_per_s": B * (new_tokens - 1) / max(tn - t1, 1e-9), "ref_first_call_s": t_first,
+            "ref_ttft_s": t1}
+
+
+def bench_decode(opts) -> dict:
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    compile = opts.compile if opts.compile is not None else device.type == "cuda"
+    max_seq_len = opts.prompt_len + opts.new_tokens + 1
+    t_start = time.perf_counter()
+    if opts.model or opts.preset is None:
+        engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile,
+                             max_seq_len=max_seq_len, progress=False)
+        name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
+    else:
+        model = random_model(PRESETS[opts.preset], device, dtype)
+        engine = Engine(model, None, device, dtype, compile=compile, max_seq_len=max_seq_len)
+        name = f"{opts.preset} (random weights)"
+    load_s = time.perf_counter() - t_start
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, engine.args.vocab_size - 100, (opts.batch_size, opts.prompt_len), generator=g)
+    prompts = [row.tolist() for row in prompt]
+    params = SamplingParams(max_new_tokens=opts.new_tokens, ignore_eos=True)
+
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # compiles
+    compile_s = time.perf_counter() - t0 - engine.metrics.decode_s  # start of the run to the first token
+    engine.generate(prompts, params)  # warm-up at full length
+    runs = []
+    for _ in range(opts.repeats):
+        engine.generate(prompts, params)
+        runs.append(engine.metrics)
+    m = max(runs, key=lambda r: r.decode_tok_per_s)
+
+    copy_gb_s = copy_bandwidth(device)
+    tflops = matmul_peak(device, dtype)
+    step_s = m.decode_s / max(m.decode_steps, 1)
+    bytes_per_step = m.weight_bytes + m.kv_read_bytes / max(m.decode_steps, 1)
+    n_params = sum(p.numel() for p in {id(p): p for p in engine.model.parameters()}.values())
+    gb_s = bytes_per_step / step_s / 1e9
+    row = {
+        "bench": "decode", "model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "compile": compile,
+        "batch_size": opts.batch_size, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens,
+        "tok_per_s": m.decode_tok_per_s, "gb_per_s": gb_s, "copy_gb_per_s": copy_gb_s, "bw_fraction": gb_s / copy_gb_s,
+        "tflop_per_s": 2 * n_params * opts.batch_size / step_s / 1e12, "matmul_peak_tflop_per_s": tflops,
+        "ttft_s": m.ttft_s, "prefill_tok_per_s": m.prompt_tokens / m.ttft_s, "compile_s": compile_s,
+        "load_s": load_s, "peak_mem_gb": m.peak_memory_bytes / 1e9, "weight_gb": m.weight_bytes / 1e9,
+    }
+    if not opts.no_ref:
+        ref = reference_decode(engine.model, prompt.to(device), opts.new_tokens, compile=device.type == "cuda")
+        row.update(ref)
+        row["speedup_vs_ref"] = row["tok_per_s"] / ref["ref_tok_per_s"]
+    return row
+
+
+def print_row(row, as_json):
+    if as_json:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        return
+    width = max(len(k) for k in row)
+    for k, v in row.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    d = sub.add_parser("decode", help="batch decode speed vs copy bandwidth and transformers")
+    d.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random weights in a real shape")
+    d.add_argument("--model", default=None, help="anything generate.py loads (default: the embedded SmolLM2)")
+    d.add_argument("--batch-size", type=int, default=1)
+    d.add_argument("--prompt-len", type=int, default=128)
+    d.add_argument("--new-tokens", type=int, default=256)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--dtype", default="auto")
+    d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled decode (default: on for cuda, off for cpu)")
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
+    d.add_argument("--json", action="store_true")
+    opts = p.parse_args(argv)
+    try:
+        if opts.bench == "decode":
+            print_row(bench_decode(opts), opts.json)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared fixtures: the embedded SmolLM2-135M-Instruct, loaded once per test session."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from weights import default_model_path
+    try:
+        return default_model_path()
+    except (FileNotFoundError, ValueError) as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_path):
+    from scheduler import Engine
+    return Engine.load(smollm2_path, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own load of the same GGUF (dequantized to fp32): the reference."""
+    transformers = pytest.importorskip("transformers")
+    d, f = os.path.split(smollm2_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return model, tok
