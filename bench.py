@@ -95,8 +95,7 @@ def reference_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, 
     device, dtype = prompt.device, next(model.parameters()).dtype
     with torch.device(device):
         ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
-    ref.load_state_dict(state, strict=False)
+    ref.load_state_dict(model.hf_state_dict(), strict=False)
     ref.eval()
     B = prompt.shape[0]
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -142,9 +141,11 @@ def bench_decode(opts) -> dict:
     prompts = [row.tolist() for row in prompt]
     params = SamplingParams(max_new_tokens=opts.new_tokens, ignore_eos=True)
 
+    # compile_s: the first request, from its start to its first decoded token: prefill, compilation
+    # and CUDA graph capture included (the whole wait a user sees before tokens flow)
     t0 = time.perf_counter()
-    engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # compiles
-    compile_s = time.perf_counter() - t0 - engine.metrics.decode_s  # start of the run to the first token
+    engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    compile_s = time.perf_counter() - t0
     engine.generate(prompts, params)  # warm-up at full length
     runs = []
     for _ in range(opts.repeats):
@@ -155,7 +156,7 @@ def bench_decode(opts) -> dict:
     copy_gb_s = copy_bandwidth(device)
     tflops = matmul_peak(device, dtype)
     step_s = m.decode_s / max(m.decode_steps, 1)
-    bytes_per_step = m.weight_bytes + m.kv_read_bytes / max(m.decode_steps, 1)
+    bytes_per_step = m.weight_bytes_per_step + m.kv_read_bytes / max(m.decode_steps, 1)
     n_params = sum(p.numel() for p in {id(p): p for p in engine.model.parameters()}.values())
     gb_s = bytes_per_step / step_s / 1e9
     row = {
@@ -166,12 +167,41 @@ def bench_decode(opts) -> dict:
         "tflop_per_s": 2 * n_params * opts.batch_size / step_s / 1e12, "matmul_peak_tflop_per_s": tflops,
         "ttft_s": m.ttft_s, "prefill_tok_per_s": m.prompt_tokens / m.ttft_s, "compile_s": compile_s,
         "load_s": load_s, "peak_mem_gb": m.peak_memory_bytes / 1e9, "weight_gb": m.weight_bytes / 1e9,
+        "read_gb_per_step": bytes_per_step / 1e9,
     }
     if not opts.no_ref:
         ref = reference_decode(engine.model, prompt.to(device), opts.new_tokens, compile=device.type == "cuda")
         row.update(ref)
         row["speedup_vs_ref"] = row["tok_per_s"] / ref["ref_tok_per_s"]
     return row
+
+
+def bench_prefill(opts) -> list[dict]:
+    """Time to first token for long prompts (prefill through SDPA's flash kernel), one prompt at a time."""
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    lens = [int(n) for n in opts.prompt_lens.split(",")]
+    args = PRESETS[opts.preset]
+    if max(lens) >= args.max_seq_len and opts.preset == "llama-3-8b":  # Llama 3.1: 128k context by RoPE scaling
+        args = ModelArgs(**{**args.to_dict(), "max_seq_len": 131072, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}})
+    engine = Engine(random_model(args, device, dtype), None, device, dtype, max_seq_len=max(lens) + 64)
+    rows = []
+    for n in lens:
+        prompt = torch.randint(100, args.vocab_size - 100, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        engine.generate([prompt], params)  # warm-up
+        ttft = min((engine.generate([prompt], params), engine.metrics.ttft_s)[1] for _ in range(opts.repeats))
+        flops = 2 * n * sum(p.numel() for p in engine.model.layers.parameters())  # matmuls; attention excluded
+        rows.append({"bench": "prefill", "model": f"{opts.preset} (random weights)", "prompt_len": n,
+                     "rope_scaling": (args.rope_scaling or {}).get("rope_type"), "ttft_s": ttft,
+                     "prefill_tok_per_s": n / ttft, "linear_tflop_per_s": flops / ttft / 1e12,
+                     "peak_mem_gb": engine.metrics.peak_memory_bytes / 1e9})
+    peak = matmul_peak(device, dtype)
+    for r in rows:
+        r["matmul_peak_tflop_per_s"] = peak
+    return rows
 
 
 def print_row(row, as_json):
@@ -200,10 +230,20 @@ def main(argv=None):
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
     d.add_argument("--json", action="store_true")
+    f = sub.add_parser("prefill", help="time to first token for long prompts")
+    f.add_argument("--preset", choices=sorted(PRESETS), default="llama-3-8b")
+    f.add_argument("--prompt-lens", default="128,1024,4096,32768")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--dtype", default="auto")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     try:
         if opts.bench == "decode":
             print_row(bench_decode(opts), opts.json)
+        elif opts.bench == "prefill":
+            for row in bench_prefill(opts):
+                print_row(row, opts.json)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

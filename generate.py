@@ -35,6 +35,10 @@ def parse_args(argv=None):
     src.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     src.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     src.add_argument("--compile", action="store_true", help="torch.compile the decode step (slower start, faster tokens)")
+    src.add_argument("--quant", default=None, choices=["int8", "int4", "gguf"],
+                     help="weight-only quantization at load: int8 (per channel), int4 (groups of --group-size), "
+                          "gguf (a GGUF's Q4/Q8 blocks as they are). GPTQ/AWQ checkpoints: see quantize.py")
+    src.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default) or 128")
     src.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: the model's context)")
     inp = p.add_argument_group("input")
     inp.add_argument("--prompt", default=None, help="the prompt (default: a short greeting)")
@@ -77,21 +81,37 @@ def read_prompts(args) -> list[str]:
     return [args.prompt if args.prompt is not None else "Hello, my name is"]
 
 
+def activation_bytes(args, batch: int, tokens: int, dtype_bytes: int) -> int:
+    """Largest transient tensors of one prefill forward (the peak beside weights and cache): the
+    residual stream and its norm, fused q/k/v, gate/up and their product, and fp32 logits of one token."""
+    per_token = 3 * args.dim + (args.n_heads + 2 * args.n_kv_heads) * args.head_dim + 3 * args.ffn_dim
+    return batch * tokens * per_token * dtype_bytes + batch * args.vocab_size * 4
+
+
 def memory_report(engine) -> str:
-    m = engine.metrics
+    m, c = engine.metrics, engine.cache
     gb = 1e9
+    longest = max(1, m.prompt_tokens // max(1, m.batch_size))
+    act = activation_bytes(engine.args, m.batch_size, longest, torch_dtype_bytes(engine.dtype))
     lines = [f"memory on {engine.device} ({str(engine.dtype).removeprefix('torch.')}):",
              f"  weights       {m.weight_bytes / gb:8.3f} GB",
-             f"  KV cache      {m.kv_cache_bytes / gb:8.3f} GB  ({engine.cache.batch_size} x {engine.cache.max_seq_len} tokens)"]
+             f"  KV cache      {m.kv_cache_bytes / gb:8.3f} GB  ({c.batch_size} x {c.max_seq_len} tokens, "
+             f"{c.nbytes / (c.batch_size * c.max_seq_len) / 1024:.1f} KiB per token)",
+             f"  activations   {act / gb:8.3f} GB  (estimate: largest prefill tensors, batch {m.batch_size} x ~{longest} tokens)"]
     if engine.device.type == "cuda":
-        act = max(0, m.peak_memory_bytes - m.weight_bytes - m.kv_cache_bytes)
-        lines.append(f"  activations   {act / gb:8.3f} GB  (peak minus weights and cache)")
+        measured = max(0, m.peak_memory_bytes - m.weight_bytes - m.kv_cache_bytes)
+        lines.append(f"  activations   {measured / gb:8.3f} GB  (measured: peak minus weights and cache)")
         lines.append(f"  peak          {m.peak_memory_bytes / gb:8.3f} GB  (torch.cuda.max_memory_allocated)")
     else:
         lines.append(f"  peak RSS      {m.peak_memory_bytes / gb:8.3f} GB  (whole process, host memory)")
-    per_token = engine.cache.nbytes / (engine.cache.batch_size * engine.cache.max_seq_len)
-    lines.append(f"  KV per token  {per_token / 1024:8.1f} KiB")
+    total = m.weight_bytes + m.kv_cache_bytes + act
+    lines.append(f"  needed        {total / gb:8.3f} GB  (weights + KV cache + activations)")
     return "\n".join(lines)
+
+
+def torch_dtype_bytes(dtype) -> int:
+    import torch
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def run(args):
@@ -108,7 +128,8 @@ def run(args):
 
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
-                         max_seq_len=args.max_seq_len, progress=not args.quiet)
+                         max_seq_len=args.max_seq_len, progress=not args.quiet, quant=args.quant,
+                         group_size=args.group_size)
     a = engine.args
     log(args, f"loaded {args.model or 'SmolLM2-135M-Instruct (embedded)'} in {time.perf_counter() - t0:.1f} s: "
               f"{a.n_layers} layers, dim {a.dim}, {a.n_heads}/{a.n_kv_heads} heads, "
@@ -118,6 +139,7 @@ def run(args):
         return interactive(engine, params, args)
 
     chat = args.chat
+    raw_prompts = prompts
     if chat and args.system:
         prompts = [[{"role": "system", "content": args.system}, {"role": "user", "content": p}] for p in prompts]
     prof = contextlib.nullcontext()
@@ -140,10 +162,10 @@ def run(args):
     if single:
         sys.stdout.write("\n")
     elif args.jsonl:
-        for p, r in zip(read_prompts(args), results):
+        for p, r in zip(raw_prompts, results):
             print(json.dumps({"prompt": p, "text": r.text, "token_ids": r.token_ids}, ensure_ascii=False))
     else:
-        for i, (p, r) in enumerate(zip(read_prompts(args), results)):
+        for i, (p, r) in enumerate(zip(raw_prompts, results)):
             print(f"--- [{i}] {p}\n{r.text}")
     sys.stdout.flush()
     log(args, engine.metrics.summary())

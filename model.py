@@ -160,6 +160,37 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# ---------------------------------------------------------------- checkpoint names
+
+# Hugging Face checkpoints keep q/k/v and gate/up apart; we run each group as one matmul.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_parts(name: str, args: ModelArgs):
+    """"layers.0.self_attn.qkv_proj.weight" -> [("layers.0.self_attn.q_proj.weight", rows), (k...), (v...)];
+    None for a parameter that is not fused."""
+    prefix, fused, attr = (name.rsplit(".", 2) + ["", ""])[:3] if name.count(".") >= 2 else ("", "", "")
+    if fused not in FUSED:
+        return None
+    if fused == "qkv_proj":
+        sizes = [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2
+    else:
+        sizes = [args.ffn_dim] * 2
+    return [(f"{prefix}.{part}.{attr}", n) for part, n in zip(FUSED[fused], sizes)]
+
+
+def _fuse_hf_tensors(module, state_dict, prefix, *_):
+    """load_state_dict pre-hook: a Hugging Face state dict (q_proj, k_proj, ...) loads as it is."""
+    for name in [k for k in state_dict if k.startswith(prefix)]:
+        for fused, parts in FUSED.items():
+            first = f".{parts[0]}."
+            if first in name:
+                target = name.replace(first, f".{fused}.")
+                pieces = [name.replace(first, f".{p}.") for p in parts]
+                if all(p in state_dict for p in pieces):
+                    state_dict[target] = torch.cat([state_dict.pop(p) for p in pieces])
+
+
 # ---------------------------------------------------------------- modules
 
 class RMSNorm(nn.Module):
@@ -181,16 +212,17 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window if args.uses_window(layer_idx) else None
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attn_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
+        # q, k and v in one matmul: decoding reads the weights once, in one kernel instead of three
+        self.qkv_sizes = [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2
+        self.qkv_proj = nn.Linear(args.dim, sum(self.qkv_sizes), bias=args.attn_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, input_pos, kv, meta):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             y = kv.attend(q, k, v, input_pos, meta)
@@ -212,12 +244,12 @@ def causal_attention(q, k, v, input_pos, window=None):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # gate and up, one matmul
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -243,6 +275,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._register_load_state_dict_pre_hook(_fuse_hf_tensors, with_module=True)
         inv_freq, self.rope_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decode_block = None  # compiled Block.forward for one-token steps (compile_decode)
@@ -274,6 +307,46 @@ class Transformer(nn.Module):
         with its own weights and cache tensors as inputs, so it compiles once, not n_layers times;
         prefill (any length) stays eager and never triggers a recompilation."""
         self.decode_block = torch.compile(Block.forward, fullgraph=True, dynamic=False, **compile_kwargs)
+
+    def hf_shapes(self) -> dict[str, tuple]:
+        """Parameter names and shapes as a Hugging Face checkpoint stores them (q/k/v, gate/up apart)."""
+        shapes = {}
+        for name, p in self.named_parameters():
+            parts = fused_parts(name, self.args)
+            for part, size in parts or [(name, None)]:
+                shapes[part] = (size, *p.shape[1:]) if size else tuple(p.shape)
+        return shapes
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under Hugging Face's names (views, no copies)."""
+        out = {}
+        for name, t in self.state_dict().items():
+            parts = fused_parts(name, self.args)
+            if parts:
+                out.update(zip([p for p, _ in parts], t.split([n for _, n in parts])))
+            else:
+                out[name] = t
+        return {("model." + k if k != "lm_head.weight" else k): v for k, v in out.items()}
+
+    def load_hf_tensor(self, name: str, tensor: torch.Tensor):
+        """Put one tensor of a Hugging Face checkpoint (name without "model.") in place: a fused
+        parameter is allocated on the tensor's device at its first part, then filled slice by slice.
+        Loaders stream checkpoints through this one tensor at a time into a model built on meta."""
+        module_name, _, attr = name.rpartition(".")
+        parent_name, _, part = module_name.rpartition(".")
+        fused = next((f for f, parts in FUSED.items() if part in parts), None)
+        if fused is None:
+            setattr(self.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+            return
+        linear = self.get_submodule(f"{parent_name}.{fused}")
+        param = getattr(linear, attr)
+        if param.is_meta:
+            param = nn.Parameter(torch.empty(param.shape, device=tensor.device, dtype=tensor.dtype), requires_grad=False)
+            setattr(linear, attr, param)
+        parts = fused_parts(f"{parent_name}.{fused}.{attr}", self.args)
+        i = [p for p, _ in parts].index(name)
+        start = sum(n for _, n in parts[:i])
+        param.data[start:start + parts[i][1]].copy_(tensor)
 
     def finish_loading(self, device):
         """After weights were assigned into a model built on the meta device: re-tie, rebuild RoPE buffers."""

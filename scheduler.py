@@ -13,16 +13,19 @@ Static batching: a batch of prompts of different lengths is right-padded and eve
 positions (see kv.py), so each row's tokens equal what it would get alone. Rows that finish early keep
 their slot until the whole batch is done.
 """
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from kv import StaticKVCache
+from quantize import load_quantized, model_bytes, quantize_model, quantized_from_gguf
 from sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
 from tokenizer import StreamDecoder, load_tokenizer
-from weights import load_model
+from weights import default_model_path, load_model
 
 
 @dataclass
@@ -45,13 +48,14 @@ class Metrics:
     decode_steps: int = 0
     decode_tok_per_s: float = 0.0  # generated tokens of all rows per second of decoding
     weight_bytes: int = 0
+    weight_bytes_per_step: int = 0  # what one decode step reads (the embedding table but one row excluded)
     kv_cache_bytes: int = 0
     kv_read_bytes: int = 0  # KV bytes the decode steps attended over
     peak_memory_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        gb_s = (self.weight_bytes + self.kv_cache_bytes) * self.decode_steps / max(self.decode_s, 1e-9) / 1e9
+        gb_s = (self.weight_bytes_per_step * self.decode_steps + self.kv_read_bytes) / max(self.decode_s, 1e-9) / 1e9
         return (f"TTFT {self.ttft_s * 1000:.0f} ms | decode {self.decode_tok_per_s:.1f} tok/s "
                 f"({self.batch_size} x {self.decode_steps} steps, ~{gb_s:.1f} GB/s) | "
                 f"peak memory {self.peak_memory_bytes / 1e9:.2f} GB")
@@ -80,6 +84,15 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def is_quantized_dir(source) -> bool:
+    """A directory written by quantize.py (config.json carries flint's quantization_config)."""
+    config = os.path.join(os.fspath(source), "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return (json.load(f).get("quantization_config") or {}).get("quant_method") == "flint"
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -102,19 +115,33 @@ class Engine:
             # serves every layer, every step and every prompt length. On CUDA the whole step is then
             # captured in a CUDA graph by hand, so a token costs one graph launch.
             self.model.compile_decode()
-        seen = set()
-        self.weight_bytes = 0
-        for p in model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                self.weight_bytes += p.numel() * p.element_size()
+        # bytes of weights one decode step reads: everything but the embedding table, of which a
+        # step reads one row (unless it is tied to the lm head, which reads all of it)
+        self.weight_bytes = model_bytes(model)  # parameters and quantized buffers, shared ones once
+        self.weight_bytes_per_step = self.weight_bytes
+        if not self.args.tie_embeddings:
+            emb = model.embed_tokens.weight
+            self.weight_bytes_per_step -= emb.numel() * emb.element_size()
 
     @classmethod
-    def load(cls, source=None, device="auto", dtype="auto", compile=False, max_seq_len=None, progress=True):
-        """source: None (the embedded SmolLM2), a HF directory, a Hub repo id or a .gguf file."""
+    def load(cls, source=None, device="auto", dtype="auto", compile=False, max_seq_len=None, progress=True,
+             quant=None, group_size=None):
+        """source: None (the embedded SmolLM2), a HF directory (a flint-quantized one too), a Hub repo id
+        or a .gguf file. quant: None, "int8" or "int4" (quantize in memory at load, group_size for int4),
+        or "gguf" (a GGUF's Q4_0/Q4_1/Q8_0 blocks straight into int4/int8 layers)."""
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        model, args, info = load_model(source, device=device, dtype=dtype, progress=progress)
+        if quant not in (None, "int8", "int4", "gguf"):
+            raise ValueError(f"unknown --quant '{quant}' (choose from int8, int4, gguf; GPTQ/AWQ: quantize.py)")
+        if quant == "gguf":
+            model, args, info = quantized_from_gguf(source or default_model_path(), device, dtype, progress)
+        elif source is not None and is_quantized_dir(source):
+            model, args = load_quantized(source, device, dtype, progress)
+            info = {"kind": "hf_dir", "path": source}
+        else:
+            model, args, info = load_model(source, device=device, dtype=dtype, progress=progress)
+            if quant is not None:
+                quantize_model(model, quant, group_size)
         tokenizer = load_tokenizer(info["metadata"] if info["kind"] == "gguf" else info["path"])
         return cls(model, tokenizer, device, dtype, compile=compile, max_seq_len=max_seq_len)
 
@@ -198,7 +225,7 @@ class Engine:
         penalty_history = history if params.repetition_penalty != 1.0 else None
 
         m = self.metrics = Metrics(batch_size=B, prompt_tokens=sum(lens), weight_bytes=self.weight_bytes,
-                                   kv_cache_bytes=cache.nbytes)
+                                   weight_bytes_per_step=self.weight_bytes_per_step, kv_cache_bytes=cache.nbytes)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from model import ModelArgs, Transformer, rope_inv_freq
@@ -60,7 +59,7 @@ def _new_model(args: ModelArgs) -> Transformer:
 
 def _check_plan(model: Transformer, found: dict, where: str):
     """found: our param name -> (shape, file it comes from). Raise on the first unknown, misshapen or missing one."""
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head is not listed
+    expected = model.hf_shapes()  # checkpoint names (q/k/v apart); a tied lm_head is not listed
     for name, (shape, file) in found.items():
         if name not in expected:
             raise ValueError(f"{file}: unexpected tensor '{name}' (not a parameter of the {model.args.arch} model)")
@@ -72,8 +71,7 @@ def _check_plan(model: Transformer, found: dict, where: str):
 
 
 def _assign(model: Transformer, name: str, tensor: torch.Tensor):
-    module_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    model.load_hf_tensor(name, tensor)  # fills fused q/k/v and gate/up slices too
 
 
 def _finish(model: Transformer, device, where: str) -> Transformer:

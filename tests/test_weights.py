@@ -88,7 +88,7 @@ def test_hf_dir_equals_in_memory_model_and_casts(tmp_path, capsys):
     model, args, _ = weights.load_model(path)  # progress on: goes to stderr
     assert "loading m" in capsys.readouterr().err
     ref = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
-    got = model.state_dict()
+    got = {k.removeprefix("model."): v for k, v in model.hf_state_dict().items()}  # q/k/v, gate/up apart
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
@@ -96,7 +96,8 @@ def test_hf_dir_equals_in_memory_model_and_casts(tmp_path, capsys):
     assert not capsys.readouterr().err
     assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model16.parameters()} | {b.device.type for b in model16.buffers()} == {"cpu"}
-    assert torch.equal(model16.layers[0].mlp.up_proj.weight, ref["layers.0.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(model16.hf_state_dict()["model.layers.0.mlp.up_proj.weight"],
+                       ref["layers.0.mlp.up_proj.weight"].bfloat16())
     # a file or config.json inside the directory means the directory
     _, _, info = weights.load_model(os.path.join(path, "config.json"), progress=False)
     assert info["path"] == path
@@ -400,10 +401,11 @@ def test_gguf_quantized_model_equals_dequantized_weights(tmp_path):
     path = gguf_from_hf(tmp_path / "m.gguf", hf, "llama", qtype=Q.Q8_0, override=override)
     model, args, _ = weights.load_model(path, progress=False)
     _, infos = weights.read_gguf(path)
-    for gname, ours in [("blk.0.attn_q.weight", model.layers[0].self_attn.q_proj.weight),
-                        ("blk.0.attn_k.weight", model.layers[0].self_attn.k_proj.weight),
-                        ("blk.1.ffn_up.weight", model.layers[1].mlp.up_proj.weight),
-                        ("blk.1.attn_q.weight", model.layers[1].self_attn.q_proj.weight),
+    hf_names = model.hf_state_dict()
+    for gname, ours in [("blk.0.attn_q.weight", hf_names["model.layers.0.self_attn.q_proj.weight"]),
+                        ("blk.0.attn_k.weight", hf_names["model.layers.0.self_attn.k_proj.weight"]),
+                        ("blk.1.ffn_up.weight", hf_names["model.layers.1.mlp.up_proj.weight"]),
+                        ("blk.1.attn_q.weight", hf_names["model.layers.1.self_attn.q_proj.weight"]),
                         ("token_embd.weight", model.embed_tokens.weight)]:
         t = infos[gname]
         ref = quants.dequantize(np.asarray(t.data).reshape(t.shape[0], -1), Q(t.ggml_type)).reshape(t.shape)
@@ -550,7 +552,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
             args.rope_theta, args.max_seq_len, args.tie_embeddings, args.arch) == (
         49152, 576, 30, 9, 3, 64, 1536, 100000.0, 8192, True, "llama")
     x = torch.tensor([[1, 9690, 2683, 314, 253, 6123, 28, 337, 8025, 30, 2]])
-    ours, ours_state = model(x), model.state_dict()
+    ours, ours_state = model(x), model.hf_state_dict()
     del model
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
@@ -558,5 +560,5 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
     assert (ours - ref).abs().max() < 1e-3
     hf_state = hf.state_dict()  # both dequantize the same bytes: the weights are identical
     for name, p in ours_state.items():
-        assert torch.equal(p, hf_state.get(f"model.{name}", hf_state.get(name))), name
+        assert torch.equal(p, hf_state[name]), name
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

@@ -1,0 +1,105 @@
+"""The CLI as a user runs it: output format, streaming, reports, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(capsys, *argv):
+    code = generate.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_explains_flags():
+    p = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0
+    for flag in ("--model", "--chat", "--interactive", "--prompts-file", "--jsonl", "--temperature", "--top-k",
+                 "--top-p", "--min-p", "--repetition-penalty", "--seed", "--stop", "--device", "--dtype",
+                 "--compile", "--profile", "--memory-report", "--max-new-tokens"):
+        assert flag in p.stdout
+
+
+def test_default_model_streams_and_logs_timings(capsys, smollm2_path):
+    code, out, err = run_cli(capsys, "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    assert code == 0
+    assert "Paris" in out
+    assert "TTFT" in err and "tok/s" in err and "peak memory" in err
+
+
+def test_jsonl_batch_prints_only_json(capsys, tmp_path, engine):
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Héllo wörld 🙂"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "--prompts-file", str(f), "--jsonl", "--max-new-tokens", "12", "--quiet")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        assert set(r) == {"prompt", "text", "token_ids"}
+        assert r["text"] == engine.tokenizer.decode(r["token_ids"])  # EOS ends a row and is not in it
+    # the batch gives each prompt the tokens it gets alone
+    from sampling import SamplingParams
+    alone = engine.generate([prompts[1]], SamplingParams(max_new_tokens=12))[0]
+    assert rows[1]["token_ids"] == alone.token_ids
+
+
+def test_memory_report_and_profile(capsys, tmp_path, smollm2_path):
+    code, out, err = run_cli(capsys, "--prompt", "Hi", "--max-new-tokens", "4", "--memory-report",
+                             "--profile", str(tmp_path / "trace"))
+    assert code == 0
+    assert "weights" in err and "KV cache" in err and "peak" in err
+    assert os.path.getsize(tmp_path / "trace" / "trace.json") > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "sampling parameter temperature=-1.0 is invalid"),
+    (["--top-p", "1.5"], "sampling parameter top_p=1.5 is invalid"),
+    (["--top-k", "-3"], "sampling parameter top_k=-3 is invalid"),
+    (["--max-new-tokens", "0"], "sampling parameter max_new_tokens=0 is invalid"),
+    (["--model", "/no/such/dir"], "model path '/no/such/dir' does not exist"),
+    (["--prompts-file", "/no/such/file.txt"], "cannot read --prompts-file /no/such/file.txt"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--device", "cuda:7"], None),  # CUDA missing here; on a GPU machine, a missing device
+])
+def test_bad_input_is_one_line_error(capsys, argv, message):
+    if argv[0] == "--device":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA machine")
+        message = "CUDA is not available"
+    code, out, err = run_cli(capsys, "--prompt", "hi", "--quiet", *argv)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prompt_longer_than_context_is_a_clear_error(capsys, smollm2_path):
+    code, out, err = run_cli(capsys, "--prompt", "word " * 100, "--max-seq-len", "32", "--quiet")
+    assert code == 2
+    assert "prompt has 101 tokens but the context is 32 tokens" in err or "prompt has" in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_model_file_subprocess_no_traceback(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
+    p = subprocess.run([sys.executable, "generate.py", "--model", str(bad), "--prompt", "hi"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: ") and "broken.gguf" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_interactive_chat_two_turns(smollm2_path):
+    p = subprocess.run([sys.executable, "generate.py", "--interactive", "--max-new-tokens", "20", "--quiet"],
+                       cwd=ROOT, input="My name is Ada.\nWhat is my name?\n\n", capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "Ada" in p.stdout
