@@ -15,6 +15,7 @@ import time
 import torch
 
 from model import ModelArgs, Transformer
+from quantize import format_quality, quality_table, quantize_model
 from sampling import SamplingParams
 from scheduler import Engine, pick_device, pick_dtype
 
@@ -128,12 +129,14 @@ def bench_decode(opts) -> dict:
     t_start = time.perf_counter()
     if opts.model or opts.preset is None:
         engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile,
-                             max_seq_len=max_seq_len, progress=False)
+                             max_seq_len=max_seq_len, progress=False, quant=opts.quant, group_size=opts.group_size)
         name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
     else:
         model = random_model(PRESETS[opts.preset], device, dtype)
+        if opts.quant:
+            quantize_model(model, opts.quant, opts.group_size)
         engine = Engine(model, None, device, dtype, compile=compile, max_seq_len=max_seq_len)
-        name = f"{opts.preset} (random weights)"
+        name = f"{opts.preset} (random weights{', ' + opts.quant if opts.quant else ''})"
     load_s = time.perf_counter() - t_start
 
     g = torch.Generator().manual_seed(0)
@@ -169,7 +172,7 @@ def bench_decode(opts) -> dict:
         "load_s": load_s, "peak_mem_gb": m.peak_memory_bytes / 1e9, "weight_gb": m.weight_bytes / 1e9,
         "read_gb_per_step": bytes_per_step / 1e9,
     }
-    if not opts.no_ref:
+    if not opts.no_ref and not opts.quant:  # transformers gets the float weights only
         ref = reference_decode(engine.model, prompt.to(device), opts.new_tokens, compile=device.type == "cuda")
         row.update(ref)
         row["speedup_vs_ref"] = row["tok_per_s"] / ref["ref_tok_per_s"]
@@ -229,7 +232,12 @@ def main(argv=None):
                    help="compiled decode (default: on for cuda, off for cpu)")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
+    d.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None, help="weight-only quantization")
+    d.add_argument("--group-size", type=int, default=None, help="int4 group size")
     d.add_argument("--json", action="store_true")
+    q = sub.add_parser("quality", help="perplexity of the embedded SmolLM2: fp32, bf16, int8, int4 RTN/GPTQ/AWQ")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", action="store_true")
     f = sub.add_parser("prefill", help="time to first token for long prompts")
     f.add_argument("--preset", choices=sorted(PRESETS), default="llama-3-8b")
     f.add_argument("--prompt-lens", default="128,1024,4096,32768")
@@ -241,6 +249,13 @@ def main(argv=None):
     try:
         if opts.bench == "decode":
             print_row(bench_decode(opts), opts.json)
+        elif opts.bench == "quality":
+            rows = quality_table(device=str(pick_device(opts.device)))
+            if opts.json:
+                for row in rows:
+                    print_row(row, True)
+            else:
+                print(format_quality(rows))
         elif opts.bench == "prefill":
             for row in bench_prefill(opts):
                 print_row(row, opts.json)
