@@ -1,10 +1,12 @@
 """A Llama-family transformer in plain PyTorch: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2.
 
 This file stands alone (torch only) so it can be copied into another project. Module and parameter
-names mirror Hugging Face's (minus the leading "model."), so a HF state dict loads with no renaming.
+names mirror Hugging Face's (minus the leading "model."), except that q/k/v and gate/up are fused into
+qkv_proj and gate_up_proj (one matmul each); model.load_state_dict(hf_state_dict) fuses them on the way
+in and model.hf_state_dict() splits them on the way out.
 
 Attention goes through a cache object handed in by the caller (kv.StaticKVCache, or a paged cache):
-    meta = cache.prepare(input_pos)                        # once per forward: masks, block tables, ...
+    meta = cache.prepare(input_pos, fresh)                 # once per forward: masks, block tables, ...
     y = cache.layers[i].attend(q, k, v, input_pos, meta)   # layer i stores k, v and attends
 so the model never knows how or where keys and values are stored. With cache=None it runs plain
 causal attention over the tokens it is given (what a training loop or a logits test wants).
@@ -169,9 +171,10 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 def fused_parts(name: str, args: ModelArgs):
     """"layers.0.self_attn.qkv_proj.weight" -> [("layers.0.self_attn.q_proj.weight", rows), (k...), (v...)];
     None for a parameter that is not fused."""
-    prefix, fused, attr = (name.rsplit(".", 2) + ["", ""])[:3] if name.count(".") >= 2 else ("", "", "")
-    if fused not in FUSED:
+    parts = name.rsplit(".", 2)  # [prefix, module, "weight" | "bias"]
+    if len(parts) != 3 or parts[1] not in FUSED:
         return None
+    prefix, fused, attr = parts
     if fused == "qkv_proj":
         sizes = [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2
     else:
