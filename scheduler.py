@@ -157,11 +157,12 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def _cache_for(self, batch_size: int, seq_len: int) -> StaticKVCache:
-        # Reuse the cache when it fits. Compiled decode keeps one size so its graph never changes.
-        if self.compiled:
-            seq_len = self.max_seq_len
-        elif seq_len > self.max_seq_len:
+        # Reuse the cache when it fits. Compiled decode attends over the whole cache, so its length
+        # comes in few sizes (powers of two from 1024) and a new prompt length rarely changes a shape.
+        if seq_len > self.max_seq_len:
             raise ValueError(f"{seq_len} tokens do not fit the context of {self.max_seq_len}")
+        if self.compiled:
+            seq_len = min(self.max_seq_len, max(1024, 1 << (seq_len - 1).bit_length()))
         else:
             seq_len = min(self.max_seq_len, 64 * math.ceil(seq_len / 64))
         c = self.cache
