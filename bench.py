@@ -207,6 +207,25 @@ def bench_prefill(opts) -> list[dict]:
     return rows
 
 
+def bench_spec(opts) -> dict:
+    """Target-only vs speculative on an input-grounded task (copy a passage with corrections), same run."""
+    import speculative
+    from weights import load_model
+
+    engine = Engine.load(opts.model, device=opts.device, dtype=opts.dtype, progress=False)
+    if opts.drafter == "prompt-lookup":
+        drafter = speculative.PromptLookupDrafter()
+    elif opts.drafter == "self":
+        drafter = speculative.self_drafter(engine)
+    else:
+        if not opts.draft:
+            raise ValueError("--drafter draft needs --draft MODEL")
+        drafter = speculative.ModelDrafter(load_model(opts.draft, engine.device, engine.dtype, progress=False)[0])
+    row = speculative.bench_speculative(engine, drafter, k=opts.k, adaptive=not opts.fixed_k,
+                                        new_tokens=opts.new_tokens, repeats=opts.repeats, hf_reference=not opts.no_ref)
+    return {"bench": "speculative", "drafter": opts.drafter, "device": str(engine.device), **row}
+
+
 def print_row(row, as_json):
     if as_json:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -238,6 +257,18 @@ def main(argv=None):
     q = sub.add_parser("quality", help="perplexity of the embedded SmolLM2: fp32, bf16, int8, int4 RTN/GPTQ/AWQ")
     q.add_argument("--device", default="auto")
     q.add_argument("--json", action="store_true")
+    s = sub.add_parser("speculative", help="speculative decoding: acceptance and speedup over target-only, same run")
+    s.add_argument("--model", default=None, help="target (default: the embedded SmolLM2)")
+    s.add_argument("--drafter", choices=["prompt-lookup", "self", "draft"], default="prompt-lookup")
+    s.add_argument("--draft", default=None, metavar="MODEL", help="draft model for --drafter draft")
+    s.add_argument("-k", type=int, default=8, help="draft tokens per round to start from")
+    s.add_argument("--fixed-k", action="store_true", help="no adaptive k")
+    s.add_argument("--new-tokens", type=int, default=400)
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--no-ref", action="store_true", help="skip transformers' prompt-lookup decoding")
+    s.add_argument("--json", action="store_true")
     f = sub.add_parser("prefill", help="time to first token for long prompts")
     f.add_argument("--preset", choices=sorted(PRESETS), default="llama-3-8b")
     f.add_argument("--prompt-lens", default="128,1024,4096,32768")
@@ -256,6 +287,8 @@ def main(argv=None):
                     print_row(row, True)
             else:
                 print(format_quality(rows))
+        elif opts.bench == "speculative":
+            print_row(bench_spec(opts), opts.json)
         elif opts.bench == "prefill":
             for row in bench_prefill(opts):
                 print_row(row, opts.json)

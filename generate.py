@@ -55,6 +55,11 @@ def parse_args(argv=None):
     smp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     smp.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     smp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    spec = p.add_argument_group("speculative decoding (greedy output unchanged, sampling distribution unchanged)")
+    spec.add_argument("--prompt-lookup", action="store_true", help="draft by matching n-grams of the prompt and output (no extra model)")
+    spec.add_argument("--draft", default=None, metavar="MODEL", help="a small draft model sharing the tokenizer")
+    spec.add_argument("--self-draft", action="store_true", help="draft with a layer-skipping copy of the model itself")
+    spec.add_argument("--speculate-k", type=int, default=None, help="draft tokens per round to start from (adapts to acceptance; default 8 for prompt lookup, 4 otherwise)")
     out = p.add_argument_group("output")
     out.add_argument("--jsonl", action="store_true", help='print one {"prompt", "text", "token_ids"} JSON object per prompt on stdout, nothing else')
     out.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler trace (Chrome/Perfetto JSON) to DIR")
@@ -157,8 +162,14 @@ def run(args):
             sys.stdout.write(piece)
             sys.stdout.flush()
 
+    drafter = make_drafter(args, engine)
     with prof:
-        results = engine.generate(prompts, params, chat=chat, on_text=on_text)
+        if drafter is None:
+            results = engine.generate(prompts, params, chat=chat, on_text=on_text)
+        else:
+            from speculative import speculative_generate
+            k = args.speculate_k or (8 if args.prompt_lookup else 4)
+            results, stats = speculative_generate(engine, prompts, params, drafter, k=k, chat=chat, on_text=on_text)
     if single:
         sys.stdout.write("\n")
     elif args.jsonl:
@@ -169,6 +180,8 @@ def run(args):
             print(f"--- [{i}] {p}\n{r.text}")
     sys.stdout.flush()
     log(args, engine.metrics.summary())
+    if drafter is not None:
+        log(args, stats.summary())
     if args.profile:
         path = os.path.join(args.profile, "trace.json")
         prof.export_chrome_trace(path)
@@ -177,6 +190,23 @@ def run(args):
     if args.memory_report:
         print(memory_report(engine), file=sys.stderr)
     return 0
+
+
+def make_drafter(args, engine):
+    """The drafter the speculative flags ask for, or None."""
+    chosen = [f for f in ("prompt_lookup", "draft", "self_draft") if getattr(args, f)]
+    if len(chosen) > 1:
+        raise ValueError("choose one of --prompt-lookup, --draft, --self-draft")
+    if not chosen:
+        return None
+    import speculative
+    if args.prompt_lookup:
+        return speculative.PromptLookupDrafter()
+    if args.self_draft:
+        return speculative.self_drafter(engine)
+    from weights import load_model
+    draft, _, _ = load_model(args.draft, device=engine.device, dtype=engine.dtype, progress=not args.quiet)
+    return speculative.ModelDrafter(draft)
 
 
 def interactive(engine, params, args):

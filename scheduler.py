@@ -84,6 +84,17 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def drain(it, on_text=None):
+    """Runs a generation iterator (yielding (row, text_piece), returning its results) to the end."""
+    while True:
+        try:
+            row, piece = next(it)
+        except StopIteration as done:
+            return done.value
+        if on_text is not None:
+            on_text(row, piece)
+
+
 def is_quantized_dir(source) -> bool:
     """A directory written by quantize.py (config.json carries flint's quantization_config)."""
     config = os.path.join(os.fspath(source), "config.json")
@@ -188,14 +199,7 @@ class Engine:
 
     def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False, on_text=None):
         """Like iter_generate, returning the Results; on_text(row, piece) streams the text."""
-        it = self.iter_generate(prompts, params, chat)
-        while True:
-            try:
-                row, piece = next(it)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None:
-                on_text(row, piece)
+        return drain(self.iter_generate(prompts, params, chat), on_text)
 
     def stream(self, prompt, params: SamplingParams | None = None, chat: bool = False):
         """Yields the text of one prompt piece by piece."""
