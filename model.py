@@ -149,15 +149,15 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, input_pos: torch.Tensor, attn_factor: float, dtype):
-    # input_pos [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32 as the reference does
+    # input_pos [B, T] -> cos, sin [B, T, 1, head_dim] (broadcast over heads), in fp32 as the reference does
     freqs = input_pos.float()[..., None] * inv_freq  # [B, T, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos() * attn_factor, emb.sin() * attn_factor
-    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
 
 def apply_rope(x, cos, sin):
-    # x [B, H, T, D]; rotate the two halves of each head (HF convention, not interleaved pairs)
+    # x [B, T, heads, D]; rotate the two halves of each head (HF convention, not interleaved pairs)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -216,17 +216,17 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window if args.uses_window(layer_idx) else None
         # q, k and v in one matmul: decoding reads the weights once, in one kernel instead of three
-        self.qkv_sizes = [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2
-        self.qkv_proj = nn.Linear(args.dim, sum(self.qkv_sizes), bias=args.attn_bias)
+        self.qkv_proj = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.attn_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, input_pos, kv, meta):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)  # q, k and v heads side by side
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # one rotation for q and k heads together
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)
         if kv is not None:
             y = kv.attend(q, k, v, input_pos, meta)
         else:
