@@ -587,18 +587,9 @@ def bench_speculative(engine, drafter, prompts=None, k: int = 8, adaptive: bool 
 def hf_prompt_lookup(engine, prompt_ids: list[int], new_tokens: int, num_tokens: int = 10, expect=None,
                      repeats: int = 2) -> dict:
     """transformers on the same weights: plain greedy and prompt-lookup greedy (prompt_lookup_num_tokens)."""
-    import transformers
+    from weights import transformers_model
 
-    a = engine.args
-    cfg = transformers.LlamaConfig(
-        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_dim, num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
-        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=a.tie_embeddings, rope_scaling=a.rope_scaling)
-    with torch.device(engine.device):
-        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=engine.dtype)
-    ref.load_state_dict(engine.model.hf_state_dict(), strict=False)
-    ref.eval()
+    ref = transformers_model(engine.model)
     x = torch.tensor([prompt_ids], device=engine.device)
     eos = sorted(engine.tokenizer.eos_ids) if engine.tokenizer else None
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,

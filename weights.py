@@ -527,3 +527,23 @@ def load_model(source=None, device="cpu", dtype=torch.float32, progress=True) ->
         path = download_hub(source)
     model, args = load_hf_dir(path, device, dtype, progress)
     return model, args, {"kind": "hf_dir", "path": path}
+
+
+# ---------------------------------------------------------------- ours -> transformers (for references)
+
+def transformers_model(model: Transformer):
+    """A transformers LlamaForCausalLM holding a copy of our weights, on the same device and dtype: the
+    reference that benchmarks run side by side with ours. Needs transformers (a test/bench dependency)."""
+    import transformers
+
+    a = model.args
+    cfg = transformers.LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+        tie_word_embeddings=a.tie_embeddings, rope_scaling=a.rope_scaling)
+    weight = model.embed_tokens.weight
+    with torch.device(weight.device):
+        ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=weight.dtype)
+    ref.load_state_dict(model.hf_state_dict(), strict=False)
+    return ref.eval()
