@@ -1,0 +1,25 @@
+"""bench.py runs on CPU and prints every key of its JSON (timings themselves are never asserted)."""
+import json
+
+import bench
+
+DECODE_KEYS = {"tok_per_s", "gb_per_s", "copy_gb_per_s", "bw_fraction", "ttft_s", "prefill_tok_per_s", "compile_s",
+               "peak_mem_gb", "ref_tok_per_s", "tflop_per_s", "matmul_peak_tflop_per_s", "speedup_vs_ref"}
+
+
+def test_decode_smollm2_preset_prints_every_key(capsys):
+    code = bench.main(["decode", "--preset", "smollm2-135m", "--device", "cpu", "--prompt-len", "8",
+                       "--new-tokens", "4", "--repeats", "1", "--json"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert DECODE_KEYS <= set(row)
+    assert row["batch_size"] == 1 and row["new_tokens"] == 4 and row["tok_per_s"] > 0
+
+
+def test_prefill_prints_a_row_per_length(capsys):
+    code = bench.main(["prefill", "--preset", "smollm2-135m", "--device", "cpu", "--prompt-lens", "8,16",
+                       "--repeats", "1", "--json"])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt_len"] for r in rows] == [8, 16]
+    assert all(r["ttft_s"] > 0 and "matmul_peak_tflop_per_s" in r for r in rows)
