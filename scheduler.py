@@ -167,6 +167,17 @@ class Engine:
             return self.tokenizer.encode_chat(messages)
         return self.tokenizer.encode(prompt)
 
+    def fit(self, prompt_lens: list[int], max_new_tokens: int) -> tuple[int, int]:
+        """(longest prompt, new tokens that fit in the context) for a batch; a clear error for an empty
+        prompt or one that leaves no room. Generation stops at the context's end (finish_reason length)."""
+        if min(prompt_lens) == 0:
+            raise ValueError("empty prompt: give at least one token")
+        longest = max(prompt_lens)
+        if longest >= self.max_seq_len:
+            raise ValueError(f"prompt has {longest} tokens but the context is {self.max_seq_len} tokens "
+                             f"(shorten it{' or raise --max-seq-len' if self.max_seq_len < self.args.max_seq_len else ''})")
+        return longest, min(max_new_tokens, self.max_seq_len - longest)
+
     def _cache_for(self, batch_size: int, seq_len: int) -> StaticKVCache:
         # Reuse the cache when it fits. Compiled decode attends over the whole cache, so its length
         # comes in few sizes (powers of two from 1024) and a new prompt length rarely changes a shape.
@@ -212,13 +223,7 @@ class Engine:
         every running row's token to its Sequence and yields the rows that got one."""
         B = len(seqs)
         lens = [len(s.prompt_ids) for s in seqs]
-        if min(lens) == 0:
-            raise ValueError("empty prompt: give at least one token")
-        longest = max(lens)
-        if longest >= self.max_seq_len:
-            raise ValueError(f"prompt has {longest} tokens but the context is {self.max_seq_len} tokens "
-                             f"(shorten it{' or raise --max-seq-len' if self.max_seq_len < self.args.max_seq_len else ''})")
-        max_new = min(params.max_new_tokens, self.max_seq_len - longest)
+        longest, max_new = self.fit(lens, params.max_new_tokens)
         cache = self._cache_for(B, longest + max_new)
         dev = self.device
         generator = make_generator(params.seed, dev)

@@ -398,17 +398,12 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
     """The speculative loop: prefill, then rounds of draft + verify. Yields the rows that got tokens."""
     B = len(seqs)
     lens = [len(s.prompt_ids) for s in seqs]
-    if min(lens) == 0:
-        raise ValueError("empty prompt: give at least one token")
-    longest = max(lens)
-    if longest >= engine.max_seq_len:
-        raise ValueError(f"prompt has {longest} tokens but the context is {engine.max_seq_len} tokens")
-    max_new = min(params.max_new_tokens, engine.max_seq_len - longest)
+    longest, max_new = engine.fit(lens, params.max_new_tokens)
     dev = engine.device
     # Verify forwards write up to k_max + 1 slots past a row's length (padding included): room for them.
     # A compiled engine's one-token block (rounds without drafts) wants static shapes: one cache size
     # and the full kv_len whatever k_max is. Forwards of several tokens run eager either way.
-    compiled = getattr(engine, "compiled", False)
+    compiled = engine.compiled
     cache_len = engine.max_seq_len + K_LIMIT + 1 if compiled else longest + max_new + k_max + 1
     cache = StaticKVCache(engine.args, B, cache_len, dev, engine.dtype)
     generator = make_generator(params.seed, dev)
@@ -417,10 +412,8 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
     penalty = params.repetition_penalty != 1.0
     eos = set() if params.ignore_eos or engine.tokenizer is None else engine.tokenizer.eos_ids
 
-    m = Metrics(batch_size=B, prompt_tokens=sum(lens), weight_bytes=engine.weight_bytes, kv_cache_bytes=cache.nbytes)
-    if hasattr(m, "weight_bytes_per_step"):  # weights read once per verify forward
-        m.weight_bytes_per_step = getattr(engine, "weight_bytes_per_step", engine.weight_bytes)
-    engine.metrics = m
+    m = engine.metrics = Metrics(batch_size=B, prompt_tokens=sum(lens), weight_bytes=engine.weight_bytes,
+                                 weight_bytes_per_step=engine.weight_bytes_per_step, kv_cache_bytes=cache.nbytes)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
