@@ -248,9 +248,30 @@ class Engine:
         next_tok = sample(logits, params, generator, penalty_history)
 
         eos = set() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
+        rows = torch.arange(B, device=dev)
+        cuda = dev.type == "cuda"
+        host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
         t_first = None
         for step in range(max_new):
-            toks = next_tok.tolist()
+            # Start this token's trip to the host, then queue the next decode step before looking at
+            # it: the GPU computes token step+1 while Python does the bookkeeping of token step.
+            # (A row that has finished computes one step more than it needs; nobody reads it.)
+            host_tok.copy_(next_tok, non_blocking=cuda)
+            copied = torch.cuda.Event() if cuda else None
+            if cuda:
+                copied.record()
+            history[rows, pos] = next_tok  # pos: where this token sits in each row
+            if step + 1 < max_new:
+                if not self.compiled:  # attend over the longest row so far, rounded up
+                    cache.kv_len = min(cache.max_seq_len, 64 * math.ceil((longest + step + 1) / 64))
+                logits = self._decode(next_tok[:, None], pos[:, None], cache)[:, 0]  # one token per row
+                m.decode_steps += 1
+                m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
+                pos = (pos + 1).clamp(max=cache.max_seq_len - 1)
+                following = sample(logits, params, generator, penalty_history)
+            if cuda:
+                copied.synchronize()
+            toks = host_tok.tolist()
             if t_first is None:
                 t_first = time.perf_counter()
                 m.ttft_s = t_first - t0
@@ -258,24 +279,15 @@ class Engine:
             for b, s in enumerate(seqs):
                 if s.finish_reason is not None:
                     continue
-                history[b, lens[b] + step] = toks[b]
                 s.append(toks[b], toks[b] in eos, params.stop)
                 if s.finish_reason is None and step + 1 >= max_new:
                     s.finish("length")
                 got.append(b)
             m.new_tokens += len(got)
             yield got
-            live = [s.finish_reason is None for s in seqs]
-            if not any(live):
+            if all(s.finish_reason is not None for s in seqs):
                 break
-            # decode: one token per row at its own position; finished rows idle at their last slot
-            if not self.compiled:
-                cache.kv_len = min(cache.max_seq_len, 64 * math.ceil((int(pos.max()) + 1) / 64))
-            logits = self._decode(next_tok[:, None], pos[:, None], cache)[:, 0]
-            m.decode_steps += 1
-            m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
-            pos = torch.where(torch.tensor(live, device=dev), pos + 1, pos)
-            next_tok = sample(logits, params, generator, penalty_history)
+            next_tok = following
         m.decode_s = time.perf_counter() - (t_first or t0)
         m.decode_tok_per_s = (m.new_tokens - B) / m.decode_s if m.decode_s > 0 else 0.0
         m.peak_memory_bytes = peak_memory_bytes(dev)
