@@ -260,7 +260,8 @@ class Engine:
             copied = torch.cuda.Event() if cuda else None
             if cuda:
                 copied.record()
-            history[rows, pos] = next_tok  # pos: where this token sits in each row
+            if penalty_history is not None:
+                penalty_history[rows, pos] = next_tok  # pos: where this token sits in each row
             if step + 1 < max_new:
                 if not self.compiled:  # attend over the longest row so far, rounded up
                     cache.kv_len = min(cache.max_seq_len, 64 * math.ceil((longest + step + 1) / 64))
