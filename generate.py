@@ -97,7 +97,7 @@ def memory_report(engine) -> str:
     m, c = engine.metrics, engine.cache
     gb = 1e9
     longest = max(1, m.prompt_tokens // max(1, m.batch_size))
-    act = activation_bytes(engine.args, m.batch_size, longest, torch_dtype_bytes(engine.dtype))
+    act = activation_bytes(engine.args, m.batch_size, longest, engine.dtype.itemsize)
     lines = [f"memory on {engine.device} ({str(engine.dtype).removeprefix('torch.')}):",
              f"  weights       {m.weight_bytes / gb:8.3f} GB",
              f"  KV cache      {m.kv_cache_bytes / gb:8.3f} GB  ({c.batch_size} x {c.max_seq_len} tokens, "
@@ -112,11 +112,6 @@ def memory_report(engine) -> str:
     total = m.weight_bytes + m.kv_cache_bytes + act
     lines.append(f"  needed        {total / gb:8.3f} GB  (weights + KV cache + activations)")
     return "\n".join(lines)
-
-
-def torch_dtype_bytes(dtype) -> int:
-    import torch
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def run(args):

@@ -13,6 +13,8 @@ How the model uses a cache (model.py knows nothing else about it):
 Each layer gets its own small object holding its own tensors, so a compiled Block sees the same
 code and shapes on every layer and compiles once.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,10 @@ class StaticKVCache:
         # Attend over the first kv_len slots only. Eager decoding sets it to the longest row rounded
         # up (less to read); compiled decoding leaves it at max_seq_len so shapes never change.
         self.kv_len = max_seq_len
+
+    def attend_upto(self, n: int):
+        """Attend over the first n slots, rounded up to a multiple of 64 so the shape changes rarely."""
+        self.kv_len = min(self.max_seq_len, 64 * math.ceil(n / 64))
 
     @property
     def nbytes(self) -> int:

@@ -200,7 +200,7 @@ class Engine:
         Yields (row, text_piece) as text becomes safe to print (never half a character, never part of
         a stop string); returns the list of Results (the generator's return value)."""
         params = params or SamplingParams()
-        seqs = [Sequence(self.encode(p, chat), StreamDecoder(self.tokenizer) if self.tokenizer else None)
+        seqs = [Sequence(self.encode(p, chat), StreamDecoder(self.tokenizer) if self.tokenizer else None, params.stop)
                 for p in prompts]
         for row in self._steps(seqs, params):
             for b in row:
@@ -241,7 +241,8 @@ class Engine:
         t0 = time.perf_counter()
 
         # prefill: right-padded prompts [B, longest], each row at positions 0..len-1
-        cache.kv_len = cache.max_seq_len if self.compiled else min(cache.max_seq_len, 64 * math.ceil(longest / 64))
+        if not self.compiled:  # compiled decode attends over the whole cache: one shape
+            cache.attend_upto(longest)
         tokens = history[:, :longest].clamp(min=0)
         pos = torch.tensor(lens, device=dev)  # [B]: where each row's next token goes
         logits = self.model(tokens, None, cache, logits_at=pos - 1)[:, 0]  # [B, vocab]; None: from 0
@@ -263,8 +264,8 @@ class Engine:
             if penalty_history is not None:
                 penalty_history[rows, pos] = next_tok  # pos: where this token sits in each row
             if step + 1 < max_new:
-                if not self.compiled:  # attend over the longest row so far, rounded up
-                    cache.kv_len = min(cache.max_seq_len, 64 * math.ceil((longest + step + 1) / 64))
+                if not self.compiled:  # attend over the longest row so far
+                    cache.attend_upto(longest + step + 1)
                 logits = self._decode(next_tok[:, None], pos[:, None], cache)[:, 0]  # one token per row
                 m.decode_steps += 1
                 m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
@@ -280,7 +281,7 @@ class Engine:
             for b, s in enumerate(seqs):
                 if s.finish_reason is not None:
                     continue
-                s.append(toks[b], toks[b] in eos, params.stop)
+                s.append(toks[b], toks[b] in eos)
                 if s.finish_reason is None and step + 1 >= max_new:
                     s.finish("length")
                 got.append(b)
@@ -323,25 +324,23 @@ class Engine:
 class Sequence:
     """One prompt's state: its tokens, its text, and why it stopped."""
 
-    def __init__(self, prompt_ids: list[int], decoder: StreamDecoder):
-        self.prompt_ids, self.decoder = prompt_ids, decoder
+    def __init__(self, prompt_ids: list[int], decoder: StreamDecoder | None, stop=()):
+        self.prompt_ids, self.decoder, self.stop = prompt_ids, decoder, tuple(stop)
         self.token_ids: list[int] = []
         self.text = ""  # decoded so far, cut at a stop string
         self.shown = 0  # characters already handed out by take_text
-        self.stop: tuple = ()
         self.finish_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled"
 
-    def append(self, token: int, is_eos: bool, stop=()):
+    def append(self, token: int, is_eos: bool):
         if is_eos:  # EOS ends the sequence and is not part of its text
             self.finish("eos")
             return
-        self.stop = stop
         self.token_ids.append(token)
         if self.decoder is None:  # token ids only (benchmarks with random weights have no tokenizer)
             return
         start = len(self.text)
         self.text += self.decoder.put(token)
-        cut = find_stop(self.text, stop, start) if stop else None
+        cut = find_stop(self.text, self.stop, start) if self.stop else None
         if cut is not None:
             self.text = self.text[:cut]
             self.finish("stop")

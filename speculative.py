@@ -30,7 +30,6 @@ Drafters (duck-typed; each has start(engine, prompt_ids, cache_len) and propose(
   self_drafter(...)    self-speculation: ModelDrafter over a layer-skipping view of the target
                        (or any cheaper copy of it, e.g. an int4 copy from quantize.py)
 """
-import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -75,10 +74,6 @@ def histories_with_drafts(history, drafts):
     tail = torch.where(seen, drafts[:, None, :], -1)  # [B, D+1, D]
     head = history[:, None, :].expand(B, D + 1, history.shape[1])
     return torch.cat([head, tail], dim=-1).reshape(B * (D + 1), -1)
-
-
-def round_up(n: int, multiple: int = 64) -> int:
-    return multiple * math.ceil(n / multiple)
 
 
 # ---------------------------------------------------------------- verification
@@ -193,7 +188,7 @@ class ModelDrafter:
 
     def _forward(self, tokens, pos, logits_at=None, fresh=False):
         if getattr(self.model, "decode_block", None) is None:  # a compiled block wants one kv_len
-            self.cache.kv_len = min(self.cache.max_seq_len, round_up(int(pos.max()) + 1))
+            self.cache.attend_upto(int(pos.max()) + 1)
         return self.model(tokens, None if fresh else pos, self.cache, logits_at=logits_at)
 
     @torch.inference_mode()
@@ -372,7 +367,7 @@ def iter_speculative_generate(engine, prompts, params: SamplingParams | None, dr
     k_max = k_max if k_max is not None else (min(2 * k, K_LIMIT) if adaptive else k)
     params = params or SamplingParams()
     tok = engine.tokenizer
-    seqs = [Sequence(engine.encode(p, chat), StreamDecoder(tok) if tok else None) for p in prompts]
+    seqs = [Sequence(engine.encode(p, chat), StreamDecoder(tok) if tok else None, params.stop) for p in prompts]
     stats = SpecStats()
     for got in _spec_steps(engine, seqs, params, drafter, k, adaptive, k_max, stats):
         for b in got:
@@ -419,7 +414,8 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
     t0 = time.perf_counter()
 
     # prefill exactly as the engine does (same shapes, so the first token is the engine's)
-    cache.kv_len = cache.max_seq_len if compiled else min(cache.max_seq_len, round_up(longest))
+    if not compiled:
+        cache.attend_upto(longest)
     tokens = torch.zeros(B, longest, dtype=torch.long)
     for b, ids in enumerate(histories):
         tokens[b, : len(ids)] = torch.tensor(ids)
@@ -433,7 +429,7 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
         for t in new_tokens:
             histories[b].append(t)
             n_gen[b] += 1
-            s.append(t, t in eos, params.stop)
+            s.append(t, t in eos)
             if s.finish_reason is None and n_gen[b] >= max_new:
                 s.finish("length")
             if s.finish_reason is not None:
@@ -466,7 +462,7 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
         start = torch.tensor([len(h) - 1 for h in histories], device=dev)
         pos = start[:, None] + torch.arange(T, device=dev)  # [B, T]
         if not compiled:
-            cache.kv_len = min(cache.max_seq_len, round_up(int(pos.max()) + 1))
+            cache.attend_upto(int(pos.max()) + 1)
         logits = engine.model(tokens, pos, cache)  # [B, T, V]
         m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
         hist = histories_with_drafts(history_tensor(histories, dev), draft_t) if penalty else None
