@@ -14,9 +14,11 @@ Each layer gets its own small object holding its own tensors, so a compiled Bloc
 code and shapes on every layer and compiles once.
 """
 import math
+from collections import OrderedDict, deque
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 class LayerKV:
@@ -76,3 +78,374 @@ class StaticKVCache:
         for layer in self.layers:
             layer.k.zero_()
             layer.v.zero_()
+
+
+# ---------------------------------------------------------------- paged KV
+
+class NoFreeBlocks(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    """Fixed-size blocks of KV memory: a free list, reference counts and the prefix cache.
+
+    A block is referenced by every sequence whose block table holds it (parallel samples share their
+    prompt's blocks, requests share cached prefixes). A full block can be published under the hash of
+    its tokens and of everything before them; when its last reference goes it stays cached ("evictable")
+    until the free list runs dry, then the least recently used one is reused. Block 0 is never handed
+    out: padding rows write their keys there.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"a paged KV pool needs at least 2 blocks, got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free = deque(range(1, num_blocks))
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # prefix hash -> block
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
+        self.prefix_queries = self.prefix_hits = 0  # in blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - 1 - self.num_free_blocks
+
+    def allocate(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
+        else:
+            raise NoFreeBlocks("no free KV blocks")
+        self.ref_count[block] = 1
+        return block
+
+    def retain(self, block: int):
+        if self.ref_count[block] == 0:
+            self.evictable.pop(block)
+        self.ref_count[block] += 1
+
+    def release(self, block: int):
+        self.ref_count[block] -= 1
+        assert self.ref_count[block] >= 0, f"block {block} released more often than held"
+        if self.ref_count[block] == 0:
+            if self.block_hash[block] is not None:
+                self.evictable[block] = None  # newest at the end
+            else:
+                self.free.append(block)
+
+    def lookup(self, prefix_hash: int) -> int | None:
+        """A cached block holding exactly these tokens after exactly this prefix (retained), or None."""
+        self.prefix_queries += 1
+        block = self.cached.get(prefix_hash)
+        if block is not None:
+            self.prefix_hits += 1
+            self.retain(block)
+        return block
+
+    def publish(self, block: int, prefix_hash: int):
+        if prefix_hash not in self.cached and self.block_hash[block] is None:
+            self.cached[prefix_hash] = block
+            self.block_hash[block] = prefix_hash
+
+    def reset_prefix_cache(self):
+        for block in self.evictable:
+            self.free.append(block)
+        for block in self.cached.values():
+            self.block_hash[block] = None
+        self.cached.clear()
+        self.evictable.clear()
+
+
+def chain_hash(parent: int | None, tokens) -> int:
+    """The prefix-cache key of a full block: its tokens and (through the parent's key) all before them."""
+    return hash((parent, tuple(tokens)))
+
+
+class PagedLayerKV:
+    """One layer's share of the pool: keys and values [1, Hkv, num_blocks * block_size, D]."""
+
+    def __init__(self, k, v, cache: "PagedKVCache"):
+        self.k, self.v, self.cache = k, v, cache
+
+    def attend(self, q, k, v, input_pos, meta):
+        # decode: q [B, H, 1, D], one row per sequence; prefill: q [1, H, N, D], the chunks packed
+        B, H, T, D = q.shape
+        slots = meta["slots"]  # [B * T] where each new token's key and value go
+        self.k[0][:, slots] = k.transpose(0, 1).reshape(k.shape[1], B * T, D)  # [Hkv, B*T, D]
+        self.v[0][:, slots] = v.transpose(0, 1).reshape(v.shape[1], B * T, D)
+        flex = self.cache.flex
+        if meta["kind"] == "decode":
+            return flex(q, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
+        # prefill: lay the queries out so that every q block holds one sequence only -> [1, H, Npad, D]
+        padded = q.index_select(2, meta["gather"])
+        out = flex(padded, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
+        return out.index_select(2, meta["scatter"])  # back to [1, H, N, D]
+
+
+class PagedKVCache:
+    """The paged pool: per layer one [1, Hkv, num_blocks * block_size, D] tensor for keys and one for
+    values, shared by every sequence through its block table (logical block i of a sequence lives in
+    physical block block_table[i]). Attention runs through FlexAttention: the BlockMask lists, for
+    each query block, the physical blocks of its sequence, so the kernel reads only those; the mask_mod
+    turns a physical slot back into a position (a block sits at the same logical index in every
+    sequence that shares it, so one block_pos array serves all) for the causal cut inside a block.
+
+    The scheduler owns the block tables; this class owns the memory, the allocator and the masks:
+        table = []; cache.grow(table, n_tokens)             # allocate blocks to cover n tokens
+        meta = cache.plan_decode(tables, positions, bucket) # or plan_prefill(chunks)
+        logits = model(tokens, input_pos, cache)            # model.py calls prepare() and attend()
+    """
+
+    def __init__(self, args, num_blocks: int, block_size: int = 64, device=None, dtype=torch.float32,
+                 max_batch: int = 256, max_tokens_per_step: int = 8192, q_block: int | None = None,
+                 compile: bool = True):
+        if args.sliding_window is not None:
+            raise ValueError("the paged KV cache does not do sliding-window attention yet (use static batching)")
+        device = torch.device(device or "cpu")
+        self.args, self.device, self.dtype = args, device, dtype
+        self.block_size, self.num_blocks, self.max_batch = block_size, num_blocks, max_batch
+        self.q_block = q_block or (128 if device.type == "cuda" else 32)
+        shape = (1, args.n_kv_heads, num_blocks * block_size, args.head_dim)
+        self.layers = [PagedLayerKV(torch.zeros(shape, device=device, dtype=dtype),
+                                    torch.zeros(shape, device=device, dtype=dtype), self)
+                       for _ in range(args.n_layers)]
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        # logical index of each physical block in the sequences holding it (for the mask_mod)
+        self.block_pos_host = torch.zeros(num_blocks, dtype=torch.int32)
+        self.block_pos = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+        # Persistent step buffers: the mask_mods close over them and CUDA graphs read them in place.
+        self.decode_qpos = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.decode_slots = torch.zeros(max_batch, dtype=torch.long, device=device)
+        idx = lambda *s: torch.zeros(*s, dtype=torch.int32, device=device)
+        self._decode_blocks = (idx(max_batch, 1, 1), idx(max_batch, 1, 1, num_blocks),
+                               idx(max_batch, 1, 1), idx(max_batch, 1, 1, num_blocks))
+        self._decode_meta: dict[int, dict] = {}  # bucket -> meta (one BlockMask per batch shape)
+        # the most padded prefill queries a step can have: every chunk rounds up to whole q blocks
+        n_qblocks = math.ceil(max_tokens_per_step / self.q_block) + max_batch
+        self.prefill_qpos = torch.zeros(self.q_block << (n_qblocks - 1).bit_length(), dtype=torch.int32, device=device)
+        self.meta = None
+        # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
+        # materialises every score. Decode inside a compiled block inlines it either way.
+        self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        # The mask_mods close over the buffers themselves, not over self: compiled code then takes them
+        # as inputs and a second cache reuses the compiled kernels instead of recompiling.
+        page, block_pos, decode_qpos, prefill_qpos = block_size, self.block_pos, self.decode_qpos, self.prefill_qpos
+
+        def decode_mask(b, h, q_idx, kv_idx):  # only the last (partial) block of each row needs it
+            return block_pos[kv_idx // page] * page + kv_idx % page <= decode_qpos[b]
+
+        def prefill_mask(b, h, q_idx, kv_idx):
+            return block_pos[kv_idx // page] * page + kv_idx % page <= prefill_qpos[q_idx]
+
+        self._decode_mask_mod, self._prefill_mask_mod = decode_mask, prefill_mask
+
+    # ------------------------------------------------------------ sizing
+
+    @staticmethod
+    def bytes_per_block(args, block_size: int, dtype) -> int:
+        return 2 * args.n_layers * args.n_kv_heads * args.head_dim * block_size * dtype.itemsize
+
+    @staticmethod
+    def blocks_for_memory(args, block_size, dtype, device, gpu_memory_utilization=None, kv_tokens=None) -> int:
+        """How many blocks: from a token budget, or from the GPU memory left under the utilisation cap
+        (after the weights and what is allocated now; 5% of the GPU kept for activations)."""
+        if kv_tokens is not None:
+            return max(2, math.ceil(kv_tokens / block_size) + 1)  # +1: block 0 is scratch
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError("size the KV pool with kv_tokens on CPU (gpu_memory_utilization needs a GPU)")
+        total = torch.cuda.get_device_properties(device).total_memory
+        free_now, _ = torch.cuda.mem_get_info(device)
+        used = total - free_now
+        budget = total * (gpu_memory_utilization or 0.9) - used - 0.05 * total
+        n = int(budget // PagedKVCache.bytes_per_block(args, block_size, dtype))
+        if n < 2:
+            raise ValueError(f"no GPU memory left for the KV cache at --gpu-memory-utilization "
+                             f"{gpu_memory_utilization} ({used / 2**30:.1f} GiB in use of {total / 2**30:.1f})")
+        return n
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+    # ------------------------------------------------------------ block tables
+
+    def blocks_needed(self, table: list[int], n_tokens: int) -> int:
+        return max(0, math.ceil(n_tokens / self.block_size) - len(table))
+
+    def grow(self, table: list[int], n_tokens: int):
+        """Allocate blocks at the end of table until it covers n_tokens (NoFreeBlocks if it cannot:
+        then it allocates nothing)."""
+        need = self.blocks_needed(table, n_tokens)
+        if need > self.allocator.num_free_blocks:
+            raise NoFreeBlocks(f"need {need} KV blocks, {self.allocator.num_free_blocks} free")
+        for _ in range(need):
+            self.assign(table, self.allocator.allocate())
+
+    def assign(self, table: list[int], block: int):
+        self.block_pos_host[block] = len(table)
+        table.append(block)
+
+    def make_writable(self, table: list[int], pos: int):
+        """Copy-on-write: before writing position pos, give the sequence its own copy of a shared block."""
+        i = pos // self.block_size
+        old = table[i]
+        if self.allocator.ref_count[old] == 1:
+            return
+        new = self.allocator.allocate()
+        self.block_pos_host[new] = i
+        a, b, page = old * self.block_size, new * self.block_size, self.block_size
+        for layer in self.layers:
+            layer.k[:, :, b:b + page] = layer.k[:, :, a:a + page]
+            layer.v[:, :, b:b + page] = layer.v[:, :, a:a + page]
+        self.allocator.release(old)
+        table[i] = new
+
+    def share(self, table: list[int]) -> list[int]:
+        """A second block table over the same blocks (parallel samples after their common prompt)."""
+        for block in table:
+            self.allocator.retain(block)
+        return list(table)
+
+    def free(self, table: list[int]):
+        for block in table:
+            self.allocator.release(block)
+        table.clear()
+
+    def match_prefix(self, tokens: list[int], table: list[int], hashes: list[int]) -> int:
+        """Fill an empty table with cached blocks holding a prefix of tokens; returns the tokens covered.
+        At least one token is always left to compute (its logits give the next token)."""
+        page = self.block_size
+        for i in range((len(tokens) - 1) // page):
+            h = chain_hash(hashes[-1] if hashes else None, tokens[i * page:(i + 1) * page])
+            block = self.allocator.lookup(h)
+            if block is None:
+                break
+            table.append(block)
+            hashes.append(h)
+        return len(table) * page
+
+    def publish_full_blocks(self, tokens: list[int], n_computed: int, table: list[int], hashes: list[int]):
+        """Put every block that is now full of computed tokens into the prefix cache."""
+        page = self.block_size
+        while len(hashes) < n_computed // page:
+            i = len(hashes)
+            h = chain_hash(hashes[-1] if hashes else None, tokens[i * page:(i + 1) * page])
+            self.allocator.publish(table[i], h)
+            hashes.append(h)
+
+    # ------------------------------------------------------------ steps
+
+    def _sync_block_pos(self):
+        self.block_pos.copy_(self.block_pos_host, non_blocking=True)
+
+    def slot(self, table: list[int], pos: int) -> int:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def plan_decode(self, tables: list[list[int]], positions: list[int], bucket: int) -> dict:
+        """One new token per sequence at positions[b]; rows past len(tables) up to bucket are padding
+        (they write into scratch block 0 and attend to nothing). The returned meta lives in persistent
+        buffers, so a CUDA graph captured with it stays valid."""
+        n, page = len(tables), self.block_size
+        if bucket > self.max_batch:
+            raise ValueError(f"decode batch {bucket} exceeds max_batch {self.max_batch}")
+        kv_num, kv_idx, full_num, full_idx = (t[:bucket] for t in self._decode_blocks)
+        # host side: the last block of each row is partial (masked), the ones before it are full
+        h_num = torch.zeros(bucket, dtype=torch.int32)
+        h_full = torch.zeros(bucket, dtype=torch.int32)
+        width = max((p // page + 1 for p in positions), default=1)
+        h_idx = torch.zeros(bucket, width, dtype=torch.int32)
+        h_qpos = torch.zeros(bucket, dtype=torch.int32)
+        h_slots = torch.zeros(bucket, dtype=torch.long)
+        for b, (table, pos) in enumerate(zip(tables, positions)):
+            last = pos // page
+            h_idx[b, :last + 1] = torch.tensor(table[:last + 1], dtype=torch.int32)
+            h_num[b], h_full[b], h_qpos[b] = 1, last, pos
+            h_slots[b] = table[last] * page + pos % page
+        self._sync_block_pos()
+        kv_num.view(bucket).copy_(h_num, non_blocking=True)
+        full_num.view(bucket).copy_(h_full, non_blocking=True)
+        full_idx[:, 0, 0, :width].copy_(h_idx, non_blocking=True)
+        # the partial block goes first in kv_idx: shift each row by its number of full blocks
+        last_block = h_idx.gather(1, h_full.long()[:, None])  # [bucket, 1]
+        kv_idx[:, 0, 0, :1].copy_(last_block, non_blocking=True)
+        self.decode_qpos[:bucket].copy_(h_qpos, non_blocking=True)
+        self.decode_slots[:bucket].copy_(h_slots, non_blocking=True)
+        meta = self._decode_meta.get(bucket)
+        if meta is None:
+            mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(self.q_block, page),
+                                            mask_mod=self._decode_mask_mod, seq_lengths=(1, self.num_blocks * page),
+                                            compute_q_blocks=False)
+            meta = self._decode_meta[bucket] = {"kind": "decode", "slots": self.decode_slots[:bucket], "mask": mask}
+        self.meta = meta
+        return meta
+
+    def plan_prefill(self, chunks: list[tuple[list[int], int, int]]) -> dict:
+        """chunks: (block_table, start, length) per sequence, its tokens start..start+length-1 packed
+        one sequence after another. Each sequence's queries are padded to whole q blocks (so a q block
+        never mixes sequences), and the total to a power of two (few shapes to compile)."""
+        page, qb = self.block_size, self.q_block
+        n_tokens = sum(length for _, _, length in chunks)
+        n_qblocks = sum(math.ceil(length / qb) for _, _, length in chunks)
+        n_pad = qb * max(1, 1 << (n_qblocks - 1).bit_length())
+        nqb = n_pad // qb
+        gather = torch.zeros(n_pad, dtype=torch.long)
+        scatter = torch.empty(n_tokens, dtype=torch.long)
+        qpos = torch.full((n_pad,), -1, dtype=torch.int32)
+        slots = torch.empty(n_tokens, dtype=torch.long)
+        kv_num = torch.zeros(1, 1, nqb, dtype=torch.int32)
+        full_num = torch.zeros(1, 1, nqb, dtype=torch.int32)
+        width = max(math.ceil((start + length) / page) for _, start, length in chunks)
+        kv_idx = torch.zeros(1, 1, nqb, width, dtype=torch.int32)
+        full_idx = torch.zeros(1, 1, nqb, width, dtype=torch.int32)
+        src, dst = 0, 0  # packed token index, padded query index
+        for table, start, length in chunks:
+            positions = torch.arange(start, start + length)
+            gather[dst:dst + length] = torch.arange(src, src + length)
+            scatter[src:src + length] = torch.arange(dst, dst + length)
+            qpos[dst:dst + length] = positions.int()
+            blocks = torch.tensor(table, dtype=torch.int32)
+            slots[src:src + length] = blocks[positions // page].long() * page + positions % page
+            for j in range(math.ceil(length / qb)):
+                lo = start + j * qb  # first and last position of this q block
+                hi = min(lo + qb, start + length) - 1
+                n_full, last = (lo + 1) // page, hi // page  # blocks before n_full lie wholly in the past
+                q = dst // qb + j
+                full_num[0, 0, q] = n_full
+                full_idx[0, 0, q, :n_full] = blocks[:n_full]
+                kv_num[0, 0, q] = last + 1 - n_full
+                kv_idx[0, 0, q, :last + 1 - n_full] = blocks[n_full:last + 1]
+            src += length
+            dst += qb * math.ceil(length / qb)
+        dev = self.device
+        self._sync_block_pos()
+        if n_pad > self.prefill_qpos.numel():
+            raise ValueError(f"{n_tokens} prefill tokens in {len(chunks)} chunks exceed max_tokens_per_step")
+        self.prefill_qpos[:n_pad].copy_(qpos)
+        # kv_idx must span the whole pool in its last dimension
+        pad = lambda t: F.pad(t, (0, self.num_blocks - width)).to(dev, non_blocking=True)
+        mask = BlockMask.from_kv_blocks(kv_num.to(dev), pad(kv_idx), full_num.to(dev), pad(full_idx),
+                                        BLOCK_SIZE=(qb, page), mask_mod=self._prefill_mask_mod,
+                                        seq_lengths=(n_pad, self.num_blocks * page), compute_q_blocks=False)
+        self.meta = {"kind": "prefill", "slots": slots.to(dev), "gather": gather.to(dev),
+                     "scatter": scatter.to(dev), "mask": mask}
+        return self.meta
+
+    def prepare(self, input_pos, fresh: bool = False):
+        return self.meta  # planned by plan_decode / plan_prefill
+
+    def reset(self):
+        """Forget every block table and cached prefix (the scheduler must hold none)."""
+        self.allocator = BlockAllocator(self.num_blocks, self.block_size)

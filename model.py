@@ -288,8 +288,8 @@ class Transformer(nn.Module):
 
         input_pos [B, T]: the position of every token (rows may be at different positions);
         None means 0..T-1 in every row (a prefill from scratch, which takes the flash path).
-        logits_at [B]: if given, only the hidden state at index logits_at[b] of row b goes through the
-        head, giving logits [B, 1, vocab] (prefill needs the last prompt token only).
+        logits_at [B] or [B, K]: if given, only the hidden states at these indices of each row go through
+        the head, giving logits [B, 1 or K, vocab] (prefill needs the last prompt token only).
         """
         B, T = tokens.shape
         fresh = input_pos is None  # every row starts at position 0: causal attention over these tokens
@@ -301,8 +301,9 @@ class Transformer(nn.Module):
         step = self.decode_block if T == 1 and self.decode_block is not None else Block.__call__
         for i, layer in enumerate(self.layers):
             x = step(layer, x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
+        if logits_at is not None:  # [B] -> one position per row, [B, K] -> K positions per row
+            at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
+            x = x[torch.arange(B, device=x.device)[:, None], at]  # [B, K, dim]
         return self.lm_head(self.norm(x)).float()
 
     def compile_decode(self, **compile_kwargs):

@@ -156,6 +156,31 @@ def sample(logits, params, generator=None, history=None):
     return sample_rows(logits, **rows, generator=generator, history=history)
 
 
+def sample_each(logits, params: list, generators: list, history=None):
+    """Next tokens [B] for logits [B, V] where every row has its own SamplingParams and its own
+    generator (None = the global RNG): what continuous batching needs. A row with a generator draws
+    exactly what `sample` draws for it alone with that generator, so a seeded request gives the same
+    tokens whatever else shares its batch."""
+    if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
+        return logits.argmax(dim=-1)
+    rows = row_params(params, logits.device)
+    logits = logits.float()
+    if history is not None and any(p.repetition_penalty != 1.0 for p in params):
+        logits = apply_repetition_penalty(logits, history, rows["rep_penalty"])
+    out = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return out
+    probs = warp_logits(logits, rows["temperature"], rows["top_k"], rows["top_p"], rows["min_p"]).softmax(dim=-1)
+    shared = [i for i in sampled if generators[i] is None]
+    if shared:
+        out[shared] = torch.multinomial(probs[shared], 1).squeeze(1)
+    for i in sampled:
+        if generators[i] is not None:
+            out[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[i])[0, 0]
+    return out
+
+
 def make_generator(seed, device="cpu"):
     """A torch.Generator seeded with `seed`, or None (use the global RNG) when seed is None."""
     if seed is None:

@@ -17,13 +17,14 @@ import json
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from kv import StaticKVCache
+from kv import NoFreeBlocks, PagedKVCache, StaticKVCache
 from quantize import load_quantized, model_bytes, quantize_model, quantized_from_gguf
-from sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
+from sampling import SamplingParams, find_stop, make_generator, sample, sample_each, stop_holdback
 from tokenizer import StreamDecoder, load_tokenizer
 from weights import default_model_path, load_model
 
@@ -33,8 +34,9 @@ class Result:
     prompt: str | list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int = 0
+    error: str | None = None  # why a request was rejected (finish_reason "error")
 
 
 @dataclass
@@ -112,7 +114,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, device, dtype, compile: bool = False, max_seq_len: int | None = None):
+    def __init__(self, model, tokenizer, device, dtype, compile: bool = False, max_seq_len: int | None = None,
+                 kv_tokens: int | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 64,
+                 max_batch: int | None = None, max_tokens_per_step: int | None = None, prefix_caching: bool = True):
+        """Continuous batching (created on first use) runs over a paged KV pool of kv_tokens tokens, or on
+        a GPU of what gpu_memory_utilization leaves; max_batch sequences decode together, and a step
+        computes at most max_tokens_per_step tokens (decodes plus prompt chunks)."""
+        self.paged_config = dict(kv_tokens=kv_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                                 block_size=block_size, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
+                                 prefix_caching=prefix_caching)
+        self._scheduler = None
         self.model, self.tokenizer = model, tokenizer
         self.args = model.args
         self.device, self.dtype = device, dtype
@@ -136,7 +147,7 @@ class Engine:
 
     @classmethod
     def load(cls, source=None, device="auto", dtype="auto", compile=False, max_seq_len=None, progress=True,
-             quant=None, group_size=None):
+             quant=None, group_size=None, **paged_config):
         """source: None (the embedded SmolLM2), a HF directory (a flint-quantized one too), a Hub repo id
         or a .gguf file. quant: None, "int8" or "int4" (quantize in memory at load, group_size for int4),
         or "gguf" (a GGUF's Q4_0/Q4_1/Q8_0 blocks straight into int4/int8 layers)."""
@@ -154,7 +165,7 @@ class Engine:
             if quant is not None:
                 quantize_model(model, quant, group_size)
         tokenizer = load_tokenizer(info["metadata"] if info["kind"] == "gguf" else info["path"])
-        return cls(model, tokenizer, device, dtype, compile=compile, max_seq_len=max_seq_len)
+        return cls(model, tokenizer, device, dtype, compile=compile, max_seq_len=max_seq_len, **paged_config)
 
     # ------------------------------------------------------------ prompts
 
@@ -193,13 +204,92 @@ class Engine:
             c = self.cache = StaticKVCache(self.args, batch_size, seq_len, self.device, self.dtype)
         return c
 
+    # ------------------------------------------------------------ continuous batching
+
+    @property
+    def scheduler(self) -> "Scheduler":
+        """The continuous-batching scheduler and its paged KV pool, built on first use."""
+        if self._scheduler is None:
+            c = self.paged_config
+            cuda = self.device.type == "cuda"
+            max_batch = c["max_batch"] or (256 if cuda else 32)
+            kv_tokens = c["kv_tokens"]
+            if kv_tokens is None and not cuda:
+                kv_tokens = max(self.max_seq_len, min(32768, 8 * self.max_seq_len))
+            num_blocks = PagedKVCache.blocks_for_memory(self.args, c["block_size"], self.dtype, self.device,
+                                                        c["gpu_memory_utilization"], kv_tokens)
+            budget = c["max_tokens_per_step"] or (8192 if cuda else 512)
+            cache = PagedKVCache(self.args, num_blocks, c["block_size"], self.device, self.dtype,
+                                 max_batch=max_batch, max_tokens_per_step=budget)
+            self._scheduler = Scheduler(self, cache, max_batch, budget, c["prefix_caching"])
+        return self._scheduler
+
+    def submit(self, prompt, params: SamplingParams | None = None, n: int = 1, chat: bool = False,
+               on_output=None) -> "Request":
+        """Queues a request for continuous batching; step() runs it. on_output(request, sample, text)
+        streams its text. A bad request raises ValueError here and never enters the queue."""
+        params = params or SamplingParams()
+        return self.scheduler.add(prompt, self.encode(prompt, chat), params, n, on_output)
+
+    def step(self):
+        """One iteration of continuous batching: -> [(request, sample index, new text)]."""
+        return self.scheduler.step()
+
+    def cancel(self, request: "Request"):
+        self.scheduler.cancel(request)
+
+    def _iter_continuous(self, prompts, params, chat):
+        sched = self.scheduler
+        requests, results = [], [None] * len(prompts)
+        t0 = time.perf_counter()
+        preempt0, queries0, hits0 = sched.num_preemptions, sched.cache.allocator.prefix_queries, sched.cache.allocator.prefix_hits
+        for i, p in enumerate(prompts):
+            try:
+                requests.append(self.submit(p, params, chat=chat))
+            except ValueError as e:  # this one is rejected; the others run
+                results[i] = Result(p, "", [], "error", error=str(e))
+                requests.append(None)
+        row_of = {r.id: i for i, r in enumerate(requests) if r is not None}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while any(r is not None and not r.finished for r in requests):
+            for request, _, piece in self.step():
+                if piece and request.id in row_of:
+                    yield row_of[request.id], piece
+        done = [r for r in requests if r is not None]
+        for i, r in enumerate(requests):
+            if r is not None:
+                results[i] = r.results()[0]
+        end = time.perf_counter()
+        firsts = [r.metrics.first_token for r in done if r.metrics.first_token]
+        alloc = sched.cache.allocator
+        queries = alloc.prefix_queries - queries0
+        m = self.metrics = Metrics(batch_size=len(done), prompt_tokens=sum(len(r.prompt_ids) for r in done),
+                                   weight_bytes=self.weight_bytes, weight_bytes_per_step=self.weight_bytes_per_step,
+                                   kv_cache_bytes=sched.cache.nbytes)
+        m.new_tokens = sum(len(s.token_ids) for r in done for s in r.seqs)
+        m.ttft_s = (min(firsts) - t0) if firsts else 0.0
+        m.decode_s = end - (min(firsts) if firsts else t0)
+        m.decode_tok_per_s = m.new_tokens / m.decode_s if m.decode_s > 0 else 0.0
+        m.peak_memory_bytes = peak_memory_bytes(self.device)
+        m.extra = {"preemptions": sched.num_preemptions - preempt0,
+                   "prefix_hit_rate": (alloc.prefix_hits - hits0) / queries if queries else 0.0}
+        return results
+
     # ------------------------------------------------------------ generation
 
-    def iter_generate(self, prompts, params: SamplingParams | None = None, chat: bool = False):
-        """Runs prompts (strings, token-id lists, or message lists with chat=True) as one static batch.
-        Yields (row, text_piece) as text becomes safe to print (never half a character, never part of
-        a stop string); returns the list of Results (the generator's return value)."""
+    def iter_generate(self, prompts, params: SamplingParams | None = None, chat: bool = False,
+                      batching: str = "static"):
+        """Runs prompts (strings, token-id lists, or message lists with chat=True) as one static batch,
+        or through the continuous-batching scheduler (batching="continuous": each prompt leaves as soon
+        as it is done, new ones could join; a prompt that cannot run comes back with finish_reason
+        "error" while the others finish). Yields (row, text_piece) as text becomes safe to print (never
+        half a character, never part of a stop string); returns the list of Results."""
         params = params or SamplingParams()
+        if batching == "continuous":
+            return (yield from self._iter_continuous(prompts, params, chat))
+        if batching != "static":
+            raise ValueError(f"unknown batching '{batching}' (choose static or continuous)")
         seqs = [Sequence(self.encode(p, chat), StreamDecoder(self.tokenizer) if self.tokenizer else None, params.stop)
                 for p in prompts]
         for row in self._steps(seqs, params):
@@ -208,9 +298,10 @@ class Engine:
                     yield b, piece
         return [Result(p, s.text, s.token_ids, s.finish_reason, len(s.prompt_ids)) for p, s in zip(prompts, seqs)]
 
-    def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False, on_text=None):
+    def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False, on_text=None,
+                 batching: str = "static"):
         """Like iter_generate, returning the Results; on_text(row, piece) streams the text."""
-        return drain(self.iter_generate(prompts, params, chat), on_text)
+        return drain(self.iter_generate(prompts, params, chat, batching), on_text)
 
     def stream(self, prompt, params: SamplingParams | None = None, chat: bool = False):
         """Yields the text of one prompt piece by piece."""
@@ -321,12 +412,367 @@ class Engine:
         return g["logits"]
 
 
+# ---------------------------------------------------------------- continuous batching
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.perf_counter) of one request's life."""
+    arrival: float = 0.0
+    scheduled: float | None = None  # first step that computed any of it
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list = field(default_factory=list)  # when each token of sample 0 came out
+
+    @property
+    def queue_s(self):
+        return None if self.scheduled is None else self.scheduled - self.arrival
+
+    @property
+    def ttft_s(self):
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e_s(self):
+        return None if self.finished is None else self.finished - self.arrival
+
+    @property
+    def tbt_s(self) -> list[float]:
+        """Time between consecutive tokens of sample 0."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+class Request:
+    """One prompt, its sampling parameters and its n samples (each a Sequence)."""
+
+    def __init__(self, request_id, prompt, prompt_ids, params: SamplingParams, n: int, on_output=None):
+        self.id, self.prompt, self.prompt_ids, self.params, self.n = request_id, prompt, prompt_ids, params, n
+        self.on_output = on_output  # called as on_output(request, sample_index, text_piece)
+        self.seqs: list[Sequence] = []
+        self.metrics = RequestMetrics(arrival=time.perf_counter())
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.n and all(s.finish_reason is not None for s in self.seqs)
+
+    def results(self) -> list[Result]:
+        return [Result(self.prompt, s.text, s.token_ids, s.finish_reason, len(self.prompt_ids)) for s in self.seqs]
+
+
+class Scheduler:
+    """Iteration-level continuous batching over a paged KV pool (Orca's scheduling, vLLM's memory).
+
+    Every step: (1) each running sequence whose prompt is done decodes one token; when its next token
+    needs a block and none is free, the newest running sequence is preempted (its blocks freed, its
+    tokens kept, recomputed when it comes back, through the prefix cache where blocks survived);
+    (2) the rest of the token budget goes to prompt chunks: first sequences mid-prompt, then waiting
+    ones in arrival order while blocks last (a waiting sequence first looks its prompt up in the
+    prefix cache). Decode rows run as one [bucket, 1] batch (one CUDA graph per bucket when compiled),
+    the chunks as one packed [1, N] prefill. A sequence is just tokens and how many of them are in
+    the cache, so a prompt, a chunk, a decode and a resumed sequence are all the same thing.
+    """
+
+    def __init__(self, engine, cache: PagedKVCache, max_batch: int, max_tokens_per_step: int,
+                 prefix_caching: bool = True):
+        self.engine, self.cache = engine, cache
+        self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
+        self.prefix_caching = prefix_caching
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self.requests: dict[int, Request] = {}
+        self._cancelled: list[Request] = []
+        self._next_id = 0
+        self._graphs: dict[int, dict] = {}  # decode bucket -> captured CUDA graph
+        self.num_preemptions = 0
+        self.watermark = max(1, cache.num_blocks // 100)  # blocks kept free for running sequences to grow
+
+    # ------------------------------------------------------------ requests
+
+    def add(self, prompt, prompt_ids: list[int], params: SamplingParams, n: int = 1, on_output=None) -> Request:
+        engine, cache = self.engine, self.cache
+        if not prompt_ids:
+            raise ValueError("empty prompt: give at least one token")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} is invalid: must be an integer >= 1")
+        if len(prompt_ids) >= engine.max_seq_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context is {engine.max_seq_len} tokens")
+        # every sequence must be able to finish alone in the pool, or preemption could never end
+        need = min(len(prompt_ids) + params.max_new_tokens, engine.max_seq_len)
+        if need > cache.capacity_tokens:
+            raise ValueError(f"request needs {need} tokens of KV memory (prompt {len(prompt_ids)} + "
+                             f"{params.max_new_tokens} new) but the whole pool holds {cache.capacity_tokens}")
+        if n > self.max_batch:
+            raise ValueError(f"n={n} samples exceed the batch limit of {self.max_batch}")
+        request = Request(self._next_id, prompt, prompt_ids, params, n, on_output)
+        self._next_id += 1
+        seq = self._new_sequence(request, 0)
+        self.requests[request.id] = request
+        self.waiting.append(seq)
+        return request
+
+    def _new_sequence(self, request: Request, index: int) -> "Sequence":
+        tok = self.engine.tokenizer
+        seq = Sequence(request.prompt_ids, StreamDecoder(tok) if tok else None, request.params.stop)
+        seq.request, seq.index = request, index
+        seed = request.params.seed
+        seq.generator = make_generator(None if seed is None else seed + index, self.engine.device)
+        request.seqs.append(seq)
+        return seq
+
+    def cancel(self, request: Request):
+        """Stops a request at the next step and frees its blocks (safe to call from another thread)."""
+        self._cancelled.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._cancelled)
+
+    # ------------------------------------------------------------ one step
+
+    def _finish(self, seq: "Sequence", reason: str):
+        if seq.finish_reason is None:
+            seq.finish(reason)
+        self.cache.free(seq.block_table)
+        seq.block_hashes.clear()
+        if seq in self.running:
+            self.running.remove(seq)
+        request = seq.request
+        if request.finished:
+            request.metrics.finished = time.perf_counter()
+            self.requests.pop(request.id, None)
+
+    def _preempt(self, seq: "Sequence"):
+        """Free a running sequence's blocks; it waits at the front of the queue and recomputes its tokens."""
+        self.running.remove(seq)
+        self.cache.free(seq.block_table)
+        seq.block_hashes.clear()
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _apply_cancellations(self, events):
+        while self._cancelled:
+            request = self._cancelled.pop()
+            for seq in request.seqs:
+                if seq.finish_reason is None:
+                    if seq in self.waiting:
+                        self.waiting.remove(seq)
+                    self._finish(seq, "cancelled")
+                    events.append((request, seq.index, ""))
+            while len(request.seqs) < request.n:  # samples never forked count as cancelled too
+                self._new_sequence(request, len(request.seqs)).finish("cancelled")
+            if request.finished and request.metrics.finished is None:
+                request.metrics.finished = time.perf_counter()
+            self.requests.pop(request.id, None)
+
+    def _schedule(self):
+        """-> (decode sequences, [(sequence, chunk length)]): what this step computes."""
+        cache = self.cache
+        decode = []
+        for seq in list(self.running):
+            if seq not in self.running or seq.uncomputed != 1 or len(decode) == self.max_batch:
+                continue
+            while True:  # make room for this token, preempting from the newest end if needed
+                try:
+                    cache.grow(seq.block_table, seq.num_computed + 1)
+                    cache.make_writable(seq.block_table, seq.num_computed)
+                    decode.append(seq)
+                    break
+                except NoFreeBlocks:
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+        budget = self.max_tokens_per_step - len(decode)
+        chunks = []
+        for seq in self.running:  # prompts already started
+            if seq.uncomputed > 1 and budget > 0:
+                n = self._fit_chunk(seq, budget)
+                if n > 0:
+                    chunks.append((seq, n))
+                    budget -= n
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            fresh = seq.index == 0 and len(seq.request.seqs) < seq.request.n  # its samples fork later
+            if len(self.running) + (seq.request.n if fresh else 1) > self.max_batch:
+                break
+            if self.prefix_caching and not seq.block_table:
+                seq.num_computed = cache.match_prefix(seq.tokens, seq.block_table, seq.block_hashes)
+            reserve = 0 if not self.running and not chunks else self.watermark
+            n = self._fit_chunk(seq, budget, reserve)
+            if n <= 0:  # not enough memory: give back the prefix blocks it holds and wait
+                cache.free(seq.block_table)
+                seq.block_hashes.clear()
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            chunks.append((seq, n))
+            budget -= n
+        return decode, chunks
+
+    def _fit_chunk(self, seq, budget: int, reserve: int = 0) -> int:
+        """Allocate blocks for as much of seq's uncomputed tokens as the budget and free blocks allow."""
+        cache, page = self.cache, self.cache.block_size
+        n = min(seq.uncomputed, budget)
+        free = cache.allocator.num_free_blocks - reserve
+        room = (len(seq.block_table) + max(free, 0)) * page - seq.num_computed
+        n = min(n, room)
+        if n <= 0:
+            return 0
+        cache.grow(seq.block_table, seq.num_computed + n)
+        cache.make_writable(seq.block_table, seq.num_computed)
+        return n
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int, str]]:
+        """Runs one iteration. Returns (request, sample index, new text) for every sequence that got
+        text or finished; callbacks see the same."""
+        events: list[tuple[Request, int, str]] = []
+        self._apply_cancellations(events)
+        decode, chunks = self._schedule()
+        now = time.perf_counter()
+        for seq, _ in chunks:
+            if seq.request.metrics.scheduled is None:
+                seq.request.metrics.scheduled = now
+        rows: list[tuple["Sequence", int]] = []  # (sequence that samples, its logits row)
+        logits = []
+        if decode:
+            logits.append(self._run_decode(decode))
+            rows += [(seq, i) for i, seq in enumerate(decode)]
+        if chunks:
+            done_logits, done = self._run_prefill(chunks)
+            base = len(decode)
+            for k, seq in enumerate(done):
+                rows.append((seq, base + k))
+                for child in self._fork(seq):  # parallel samples share the prompt's blocks from here
+                    rows.append((child, base + k))
+            logits.append(done_logits)
+        if self.prefix_caching:  # blocks now full of computed tokens become reusable prefixes
+            for seq in decode + [seq for seq, _ in chunks]:
+                self.cache.publish_full_blocks(seq.tokens, seq.num_computed, seq.block_table, seq.block_hashes)
+        if rows:
+            all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+            self._sample_and_append(rows, all_logits, events)
+        for request, index, piece in events:
+            if request.on_output is not None:
+                request.on_output(request, index, piece)
+        return events
+
+    def _bucket(self, n: int) -> int:
+        return min(self.max_batch, 1 << (n - 1).bit_length())
+
+    def _run_decode(self, seqs) -> torch.Tensor:
+        """One token for each sequence: -> logits [len(seqs), vocab]."""
+        n = len(seqs)
+        bucket = self._bucket(n)
+        positions = [s.num_computed for s in seqs]
+        meta = self.cache.plan_decode([s.block_table for s in seqs], positions, bucket)
+        tokens = torch.zeros(bucket, 1, dtype=torch.long)
+        pos = torch.zeros(bucket, 1, dtype=torch.long)
+        tokens[:n, 0] = torch.tensor([s.tokens[s.num_computed] for s in seqs])
+        pos[:n, 0] = torch.tensor(positions)
+        for s in seqs:
+            s.num_computed += 1
+        return self._forward_decode(tokens, pos, bucket)[:n, 0]
+
+    def _forward_decode(self, tokens, pos, bucket):
+        engine, dev = self.engine, self.engine.device
+        if not (engine.compiled and dev.type == "cuda"):
+            return engine.model(tokens.to(dev), pos.to(dev), self.cache)
+        g = self._graphs.get(bucket)
+        if g is None:  # capture this bucket's step once (see Engine._decode for the static cache)
+            g = {"tokens": tokens.to(dev), "pos": pos.to(dev)}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    engine.model(g["tokens"], g["pos"], self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            g["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g["graph"]):
+                g["logits"] = engine.model(g["tokens"], g["pos"], self.cache)
+            self._graphs[bucket] = g
+        g["tokens"].copy_(tokens, non_blocking=True)
+        g["pos"].copy_(pos, non_blocking=True)
+        g["graph"].replay()
+        return g["logits"]
+
+    def _run_prefill(self, chunks):
+        """Compute the chunks packed in one [1, N] forward. -> (logits [K, vocab], the K sequences whose
+        chunk reached their last token and so sample now)."""
+        dev, cache = self.engine.device, self.cache
+        tokens, positions, done, ends = [], [], [], []
+        plan = []
+        for seq, n in chunks:
+            start = seq.num_computed
+            tokens += seq.tokens[start:start + n]
+            positions += range(start, start + n)
+            plan.append((seq.block_table, start, n))
+            seq.num_computed += n
+            if seq.uncomputed == 0:
+                done.append(seq)
+                ends.append(len(tokens) - 1)
+        cache.plan_prefill(plan)
+        logits_at = torch.tensor([ends], dtype=torch.long, device=dev)  # [1, K]
+        logits = self.engine.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
+                                   cache, logits_at=logits_at)
+        return logits[0], done
+
+    def _fork(self, seq: "Sequence") -> list["Sequence"]:
+        request = seq.request
+        if seq.index != 0 or len(request.seqs) >= request.n:
+            return []
+        children = []
+        for i in range(len(request.seqs), request.n):
+            child = self._new_sequence(request, i)
+            child.block_table = self.cache.share(seq.block_table)
+            child.block_hashes = list(seq.block_hashes)
+            child.num_computed = seq.num_computed
+            self.running.append(child)
+            children.append(child)
+        return children
+
+    def _sample_and_append(self, rows, logits, events):
+        seqs = [seq for seq, _ in rows]
+        logits = logits.index_select(0, torch.tensor([i for _, i in rows], device=logits.device))
+        history = None
+        if any(s.request.params.repetition_penalty != 1.0 for s in seqs):
+            width = max(len(s.tokens) for s in seqs)
+            history = torch.full((len(seqs), width), -1, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                history[r, :len(s.tokens)] = torch.tensor(s.tokens)
+            history = history.to(logits.device)
+        toks = sample_each(logits, [s.request.params for s in seqs], [s.generator for s in seqs], history).tolist()
+        now = time.perf_counter()
+        eos_ids = self.engine.tokenizer.eos_ids if self.engine.tokenizer is not None else set()
+        for seq, tok in zip(seqs, toks):
+            request, params = seq.request, seq.request.params
+            if request.metrics.first_token is None:
+                request.metrics.first_token = now
+            if seq.index == 0:
+                request.metrics.token_times.append(now)
+            seq.append(tok, tok in eos_ids and not params.ignore_eos)
+            if seq.finish_reason is None and (len(seq.token_ids) >= params.max_new_tokens
+                                              or len(seq.tokens) >= self.engine.max_seq_len):
+                seq.finish("length")
+            if seq.finish_reason is not None:
+                self._finish(seq, seq.finish_reason)
+            piece = seq.take_text()
+            if piece or seq.finish_reason is not None:
+                events.append((request, seq.index, piece))
+
+
 class Sequence:
     """One prompt's state: its tokens, its text, and why it stopped."""
 
     def __init__(self, prompt_ids: list[int], decoder: StreamDecoder | None, stop=()):
         self.prompt_ids, self.decoder, self.stop = prompt_ids, decoder, tuple(stop)
         self.token_ids: list[int] = []
+        # continuous batching: prompt + generated tokens, how many of them are in the KV cache, where
+        self.tokens: list[int] = list(prompt_ids)
+        self.num_computed = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache keys of the full blocks, in order
+        self.request, self.index, self.generator = None, 0, None
         self.text = ""  # decoded so far, cut at a stop string
         self.shown = 0  # characters already handed out by take_text
         self.finish_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled"
@@ -336,6 +782,7 @@ class Sequence:
             self.finish("eos")
             return
         self.token_ids.append(token)
+        self.tokens.append(token)
         if self.decoder is None:  # token ids only (benchmarks with random weights have no tokenizer)
             return
         start = len(self.text)
@@ -344,6 +791,10 @@ class Sequence:
         if cut is not None:
             self.text = self.text[:cut]
             self.finish("stop")
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.tokens) - self.num_computed
 
     def finish(self, reason: str):
         self.finish_reason = reason
