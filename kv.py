@@ -195,8 +195,9 @@ class PagedKVCache:
     values, shared by every sequence through its block table (logical block i of a sequence lives in
     physical block block_table[i]). Attention runs through FlexAttention: the BlockMask lists, for
     each query block, the physical blocks of its sequence, so the kernel reads only those; the mask_mod
-    turns a physical slot back into a position (a block sits at the same logical index in every
-    sequence that shares it, so one block_pos array serves all) for the causal cut inside a block.
+    maps a physical slot back to a position in the query's sequence (-1: not its block) through a
+    physical -> logical table per batch row (decode) or per query block (prefill), for the causal cut
+    inside the last block. The mask_mod alone is exact, so unfused FlexAttention (no compiler) agrees.
 
     The scheduler owns the block tables; this class owns the memory, the allocator and the masks:
         table = []; cache.grow(table, n_tokens)             # allocate blocks to cover n tokens
@@ -218,10 +219,9 @@ class PagedKVCache:
                                     torch.zeros(shape, device=device, dtype=dtype), self)
                        for _ in range(args.n_layers)]
         self.allocator = BlockAllocator(num_blocks, block_size)
-        # logical index of each physical block in the sequences holding it (for the mask_mod)
-        self.block_pos_host = torch.zeros(num_blocks, dtype=torch.int32)
-        self.block_pos = torch.zeros(num_blocks, dtype=torch.int32, device=device)
         # Persistent step buffers: the mask_mods close over them and CUDA graphs read them in place.
+        # decode_p2l[b, block]: logical index of a physical block in row b's table (-1: not there)
+        self.decode_p2l = torch.full((max_batch, num_blocks), -1, dtype=torch.int32, device=device)
         self.decode_qpos = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.decode_slots = torch.zeros(max_batch, dtype=torch.long, device=device)
         idx = lambda *s: torch.zeros(*s, dtype=torch.int32, device=device)
@@ -230,20 +230,29 @@ class PagedKVCache:
         self._decode_meta: dict[int, dict] = {}  # bucket -> meta (one BlockMask per batch shape)
         # the most padded prefill queries a step can have: every chunk rounds up to whole q blocks
         n_qblocks = math.ceil(max_tokens_per_step / self.q_block) + max_batch
-        self.prefill_qpos = torch.zeros(self.q_block << (n_qblocks - 1).bit_length(), dtype=torch.int32, device=device)
+        max_qblocks = 1 << (n_qblocks - 1).bit_length()
+        self.prefill_qpos = torch.zeros(self.q_block * max_qblocks, dtype=torch.int32, device=device)
+        self.prefill_p2l = torch.full((max_qblocks, num_blocks), -1, dtype=torch.int32, device=device)
+        self._prefill_rows_used = 0
         self.meta = None
         # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
         # materialises every score. Decode inside a compiled block inlines it either way.
         self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        # Each decode bucket and prefill size is one more compiled shape of that one function; past
+        # dynamo's default limit of 8 it would silently fall back to the unfused kernel.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # The mask_mods close over the buffers themselves, not over self: compiled code then takes them
         # as inputs and a second cache reuses the compiled kernels instead of recompiling.
-        page, block_pos, decode_qpos, prefill_qpos = block_size, self.block_pos, self.decode_qpos, self.prefill_qpos
+        page, qb = block_size, self.q_block
+        decode_p2l, decode_qpos, prefill_p2l, prefill_qpos = self.decode_p2l, self.decode_qpos, self.prefill_p2l, self.prefill_qpos
 
-        def decode_mask(b, h, q_idx, kv_idx):  # only the last (partial) block of each row needs it
-            return block_pos[kv_idx // page] * page + kv_idx % page <= decode_qpos[b]
+        def decode_mask(b, h, q_idx, kv_idx):  # the kernel needs it on the last (partial) block only
+            logical = decode_p2l[b, kv_idx // page]
+            return (logical >= 0) & (logical * page + kv_idx % page <= decode_qpos[b])
 
         def prefill_mask(b, h, q_idx, kv_idx):
-            return block_pos[kv_idx // page] * page + kv_idx % page <= prefill_qpos[q_idx]
+            logical = prefill_p2l[q_idx // qb, kv_idx // page]
+            return (logical >= 0) & (logical * page + kv_idx % page <= prefill_qpos[q_idx])
 
         self._decode_mask_mod, self._prefill_mask_mod = decode_mask, prefill_mask
 
@@ -295,7 +304,6 @@ class PagedKVCache:
             self.assign(table, self.allocator.allocate())
 
     def assign(self, table: list[int], block: int):
-        self.block_pos_host[block] = len(table)
         table.append(block)
 
     def make_writable(self, table: list[int], pos: int):
@@ -305,7 +313,6 @@ class PagedKVCache:
         if self.allocator.ref_count[old] == 1:
             return
         new = self.allocator.allocate()
-        self.block_pos_host[new] = i
         a, b, page = old * self.block_size, new * self.block_size, self.block_size
         for layer in self.layers:
             layer.k[:, :, b:b + page] = layer.k[:, :, a:a + page]
@@ -348,9 +355,6 @@ class PagedKVCache:
 
     # ------------------------------------------------------------ steps
 
-    def _sync_block_pos(self):
-        self.block_pos.copy_(self.block_pos_host, non_blocking=True)
-
     def slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
@@ -369,12 +373,18 @@ class PagedKVCache:
         h_idx = torch.zeros(bucket, width, dtype=torch.int32)
         h_qpos = torch.zeros(bucket, dtype=torch.int32)
         h_slots = torch.zeros(bucket, dtype=torch.long)
+        p2l_rows, p2l_blocks, p2l_logical = [], [], []
         for b, (table, pos) in enumerate(zip(tables, positions)):
             last = pos // page
             h_idx[b, :last + 1] = torch.tensor(table[:last + 1], dtype=torch.int32)
             h_num[b], h_full[b], h_qpos[b] = 1, last, pos
             h_slots[b] = table[last] * page + pos % page
-        self._sync_block_pos()
+            p2l_rows += [b] * (last + 1)
+            p2l_blocks += table[:last + 1]
+            p2l_logical += range(last + 1)
+        p2l = self.decode_p2l[:bucket]
+        p2l.fill_(-1)
+        p2l.index_put_(self._dev_long(p2l_rows, p2l_blocks), self._dev_int(p2l_logical))
         kv_num.view(bucket).copy_(h_num, non_blocking=True)
         full_num.view(bucket).copy_(h_full, non_blocking=True)
         full_idx[:, 0, 0, :width].copy_(h_idx, non_blocking=True)
@@ -410,6 +420,7 @@ class PagedKVCache:
         width = max(math.ceil((start + length) / page) for _, start, length in chunks)
         kv_idx = torch.zeros(1, 1, nqb, width, dtype=torch.int32)
         full_idx = torch.zeros(1, 1, nqb, width, dtype=torch.int32)
+        p2l_rows, p2l_blocks, p2l_logical = [], [], []
         src, dst = 0, 0  # packed token index, padded query index
         for table, start, length in chunks:
             positions = torch.arange(start, start + length)
@@ -427,13 +438,18 @@ class PagedKVCache:
                 full_idx[0, 0, q, :n_full] = blocks[:n_full]
                 kv_num[0, 0, q] = last + 1 - n_full
                 kv_idx[0, 0, q, :last + 1 - n_full] = blocks[n_full:last + 1]
+                p2l_rows += [q] * (last + 1)
+                p2l_blocks += table[:last + 1]
+                p2l_logical += range(last + 1)
             src += length
             dst += qb * math.ceil(length / qb)
         dev = self.device
-        self._sync_block_pos()
         if n_pad > self.prefill_qpos.numel():
             raise ValueError(f"{n_tokens} prefill tokens in {len(chunks)} chunks exceed max_tokens_per_step")
         self.prefill_qpos[:n_pad].copy_(qpos)
+        p2l = self.prefill_p2l[:nqb]
+        p2l.fill_(-1)
+        p2l.index_put_(self._dev_long(p2l_rows, p2l_blocks), self._dev_int(p2l_logical))
         # kv_idx must span the whole pool in its last dimension
         pad = lambda t: F.pad(t, (0, self.num_blocks - width)).to(dev, non_blocking=True)
         mask = BlockMask.from_kv_blocks(kv_num.to(dev), pad(kv_idx), full_num.to(dev), pad(full_idx),
@@ -442,6 +458,12 @@ class PagedKVCache:
         self.meta = {"kind": "prefill", "slots": slots.to(dev), "gather": gather.to(dev),
                      "scatter": scatter.to(dev), "mask": mask}
         return self.meta
+
+    def _dev_long(self, *lists):
+        return tuple(torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True) for x in lists)
+
+    def _dev_int(self, values):
+        return torch.tensor(values, dtype=torch.int32).to(self.device, non_blocking=True)
 
     def prepare(self, input_pos, fresh: bool = False):
         return self.meta  # planned by plan_decode / plan_prefill
