@@ -217,6 +217,188 @@ def bench_spec(opts) -> dict:
     return {"bench": "speculative", "drafter": opts.drafter, "device": str(engine.device), **row}
 
 
+# ---------------------------------------------------------------- serving (continuous batching)
+
+def serving_engine(opts):
+    """The engine behind the serving benchmarks: a preset with random weights or a real model, compiled
+    decode on CUDA, a paged pool sized as the options say, every shape compiled before timing starts."""
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    compile = opts.compile if opts.compile is not None else device.type == "cuda"
+    paged = dict(kv_tokens=opts.kv_tokens, gpu_memory_utilization=opts.gpu_memory_utilization,
+                 block_size=opts.block_size, max_batch=opts.max_batch, max_tokens_per_step=opts.max_tokens_per_step)
+    if opts.preset:
+        model = random_model(PRESETS[opts.preset], device, dtype)
+        engine = Engine(model, None, device, dtype, compile=compile, **paged)
+        name = f"{opts.preset} (random weights)"
+    else:
+        engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile, progress=False, **paged)
+        name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
+    warmup_s = engine.scheduler.warmup()
+    return engine, name, warmup_s
+
+
+def random_requests(n, lo, hi, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(100, vocab - 100, (k,), generator=g).tolist() for k in lens]
+
+
+def engine_row(engine, name, warmup_s):
+    device = engine.device
+    sched, cache = engine.scheduler, engine.scheduler.cache
+    return {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(engine.dtype).removeprefix("torch."), "torch": torch.__version__, "compile": engine.compiled,
+            "block_size": cache.block_size, "kv_pool_tokens": cache.capacity_tokens, "kv_pool_gb": cache.nbytes / 1e9,
+            "max_batch": sched.max_batch, "max_tokens_per_step": sched.max_tokens_per_step, "warmup_s": warmup_s}
+
+
+def bench_throughput(opts) -> dict:
+    """Offline throughput: every request queued at once, each generating exactly output_len tokens."""
+    engine, name, warmup_s = serving_engine(opts)
+    sched, cache = engine.scheduler, engine.scheduler.cache
+    prompts = random_requests(opts.num_requests, opts.min_prompt, opts.max_prompt, engine.args.vocab_size)
+    params = SamplingParams(max_new_tokens=opts.output_len, ignore_eos=True)
+    sync(engine.device)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    steps0, alloc0, stored0 = sched.num_steps, sched.kv_slots_allocated, sched.kv_tokens_stored
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, params, batching="continuous")
+    sync(engine.device)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(r.token_ids) for r in results)
+    in_tokens = sum(len(p) for p in prompts)
+    assert out_tokens == opts.num_requests * opts.output_len, "every request generates exactly output_len tokens"
+    n_params = sum(p.numel() for p in {id(p): p for p in engine.model.parameters()}.values())
+    bytes_per_token = cache.bytes_per_block(engine.args, 1, engine.dtype)
+    mean_len = (in_tokens + out_tokens) / opts.num_requests
+    contiguous_len = opts.max_prompt + opts.output_len  # a static cache reserves the longest request per row
+    allocated = sched.kv_slots_allocated - alloc0
+    row = {"bench": "throughput", **engine_row(engine, name, warmup_s),
+           "num_requests": opts.num_requests, "prompt_lens": f"{opts.min_prompt}-{opts.max_prompt}",
+           "output_len": opts.output_len, "elapsed_s": elapsed, "output_tok_per_s": out_tokens / elapsed,
+           "total_tok_per_s": (in_tokens + out_tokens) / elapsed, "steps": sched.num_steps - steps0,
+           "preemptions": engine.metrics.extra["preemptions"],
+           "tflop_per_s": 2 * n_params * (in_tokens + out_tokens) / elapsed / 1e12,
+           "peak_mem_gb": engine.metrics.peak_memory_bytes / 1e9,
+           # memory: slots allocated but not holding a token, averaged over steps (at most one partial
+           # block per sequence), against a contiguous cache reserving the longest request for each row
+           "kv_waste_fraction": 1 - (sched.kv_tokens_stored - stored0) / max(allocated, 1),
+           "contiguous_waste_fraction": 1 - mean_len / contiguous_len,
+           "peak_kv_blocks_used": sched.peak_used_blocks,
+           "max_concurrent_seqs_paged": int(cache.capacity_tokens // (mean_len + cache.block_size / 2)),
+           "max_concurrent_seqs_contiguous": int(cache.capacity_tokens // contiguous_len),
+           "kv_bytes_per_token": bytes_per_token}
+    row["matmul_peak_tflop_per_s"] = matmul_peak(engine.device, engine.dtype)
+    if not opts.no_ref:
+        model = engine.model
+        engine._scheduler = None  # give the pool back before transformers sizes its own
+        del engine, sched, cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        row.update(reference_throughput(model, prompts, opts.output_len))
+        row["speedup_vs_ref"] = row["output_tok_per_s"] / row["ref_output_tok_per_s"]
+    return row
+
+
+def reference_throughput(model, prompts, output_len) -> dict:
+    """transformers' own continuous batching (generate_batch, paged cache) on the same weights."""
+    from transformers import GenerationConfig
+
+    ref = transformers_model(model)
+    cfg = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref.generate_batch(inputs=prompts[:4], generation_config=cfg)  # its own warm-up (graph capture)
+    device = next(ref.parameters()).device
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = ref.generate_batch(inputs=prompts, generation_config=cfg)
+    sync(device)
+    elapsed = time.perf_counter() - t
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return {"ref_output_tok_per_s": tokens / elapsed, "ref_elapsed_s": elapsed, "ref_output_tokens": tokens}
+
+
+def percentiles(values, ps=(50, 95, 99)) -> dict:
+    if not values:
+        return {f"p{p}": None for p in ps}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"p{p}": float(torch.quantile(t, p / 100)) for p in ps}
+
+
+def bench_serve(opts) -> list[dict]:
+    """Online serving: Poisson arrivals at each rate; TTFT and time-between-tokens percentiles,
+    throughput, and goodput (requests per second meeting both the TTFT and the TBT objective)."""
+    engine, name, warmup_s = serving_engine(opts)
+    rows = []
+    for rate in [float(r) for r in opts.rates.split(",")]:
+        prompts = random_requests(opts.num_requests, opts.min_prompt, opts.max_prompt, engine.args.vocab_size, seed=1)
+        g = torch.Generator().manual_seed(2)
+        gaps = torch.empty(opts.num_requests).exponential_(rate, generator=g).tolist()  # exponential gaps at `rate` req/s
+        arrivals = [sum(gaps[:i + 1]) for i in range(opts.num_requests)]
+        params = SamplingParams(max_new_tokens=opts.output_len, ignore_eos=True)
+        requests, i = [], 0
+        t0 = time.perf_counter()
+        while i < len(prompts) or engine.scheduler.has_work():
+            now = time.perf_counter() - t0
+            while i < len(prompts) and arrivals[i] <= now:
+                r = engine.submit(prompts[i], params)
+                r.metrics.arrival = t0 + arrivals[i]  # latency counts from the arrival, not from our loop
+                requests.append(r)
+                i += 1
+            if engine.scheduler.has_work():
+                engine.step()
+            elif i < len(prompts):
+                time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
+        elapsed = time.perf_counter() - t0
+        ttft = [r.metrics.ttft_s for r in requests]
+        tbt = [x for r in requests for x in r.metrics.tbt_s]
+        mean_tbt = [sum(r.metrics.tbt_s) / max(len(r.metrics.tbt_s), 1) for r in requests]
+        good = sum(1 for a, b in zip(ttft, mean_tbt) if a <= opts.ttft_slo and b <= opts.tbt_slo)
+        rows.append({"bench": "serve", **engine_row(engine, name, warmup_s), "rate_req_per_s": rate,
+                     "num_requests": opts.num_requests, "output_len": opts.output_len, "elapsed_s": elapsed,
+                     "output_tok_per_s": sum(len(r.seqs[0].token_ids) for r in requests) / elapsed,
+                     **{f"ttft_{k}_s": v for k, v in percentiles(ttft).items()},
+                     **{f"tbt_{k}_s": v for k, v in percentiles(tbt).items()},
+                     "ttft_slo_s": opts.ttft_slo, "tbt_slo_s": opts.tbt_slo,
+                     "goodput_req_per_s": good / elapsed, "slo_attainment": good / len(requests)})
+    return rows
+
+
+def bench_prefix(opts) -> list[dict]:
+    """A shared system prompt of --prefix-len tokens before each request's own question: TTFT of each
+    request (one at a time, after one warm request) with the prefix cache and without it."""
+    engine, name, warmup_s = serving_engine(opts)
+    vocab = engine.args.vocab_size
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(100, vocab - 100, (opts.prefix_len,), generator=g).tolist()
+    questions = [torch.randint(100, vocab - 100, (opts.suffix_len,), generator=g).tolist() for _ in range(opts.num_requests + 1)]
+    params = SamplingParams(max_new_tokens=opts.output_len, ignore_eos=True)
+    rows = []
+    for caching in (True, False):
+        sched = engine.scheduler
+        sched.prefix_caching = caching
+        sched.cache.allocator.reset_prefix_cache()
+        ttfts, outputs = [], []
+        for q in questions:
+            r = engine.submit(system + q, params)
+            while not r.finished:
+                engine.step()
+            ttfts.append(r.metrics.ttft_s)
+            outputs.append(r.seqs[0].token_ids)
+        alloc = sched.cache.allocator
+        rows.append({"bench": "prefix", **engine_row(engine, name, warmup_s), "prefix_caching": caching,
+                     "prefix_len": opts.prefix_len, "suffix_len": opts.suffix_len, "num_requests": opts.num_requests,
+                     "mean_ttft_s": sum(ttfts[1:]) / opts.num_requests, **{f"ttft_{k}_s": v for k, v in percentiles(ttfts[1:]).items()},
+                     "first_request_ttft_s": ttfts[0]})
+        rows[-1]["_outputs"] = outputs
+    same = rows[0].pop("_outputs") == rows[1].pop("_outputs")
+    rows[0]["ttft_speedup"] = rows[1]["mean_ttft_s"] / rows[0]["mean_ttft_s"]
+    rows[0]["identical_outputs"] = same
+    return rows
+
+
 def print_row(row, as_json):
     if as_json:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -267,6 +449,35 @@ def main(argv=None):
     f.add_argument("--dtype", default="auto")
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--json", action="store_true")
+    for cmd, helptext in (("throughput", "continuous batching: offline throughput vs transformers' generate_batch"),
+                          ("serve", "continuous batching: Poisson arrivals, latency percentiles and goodput"),
+                          ("prefix", "continuous batching: TTFT with and without the prefix cache")):
+        c = sub.add_parser(cmd, help=helptext)
+        c.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random weights in a real shape")
+        c.add_argument("--model", default=None, help="anything generate.py loads (default: the embedded SmolLM2)")
+        c.add_argument("--device", default="auto")
+        c.add_argument("--dtype", default="auto")
+        c.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compiled decode steps, CUDA graphs per batch bucket (default: on for cuda)")
+        c.add_argument("--kv-tokens", type=int, default=None, help="KV pool size in tokens (default: from GPU memory)")
+        c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        c.add_argument("--block-size", type=int, default=64)
+        c.add_argument("--max-batch", type=int, default=None)
+        c.add_argument("--max-tokens-per-step", type=int, default=None)
+        c.add_argument("--num-requests", type=int, default={"throughput": 256, "serve": 200, "prefix": 16}[cmd])
+        c.add_argument("--min-prompt", type=int, default=64)
+        c.add_argument("--max-prompt", type=int, default=512)
+        c.add_argument("--output-len", type=int, default={"throughput": 256, "serve": 128, "prefix": 16}[cmd])
+        c.add_argument("--json", action="store_true")
+        if cmd == "throughput":
+            c.add_argument("--no-ref", action="store_true", help="skip transformers' generate_batch")
+        if cmd == "serve":
+            c.add_argument("--rates", default="2,8,32", help="request rates to try (requests/s, Poisson)")
+            c.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT objective for goodput (s)")
+            c.add_argument("--tbt-slo", type=float, default=0.05, help="mean time-between-tokens objective (s)")
+        if cmd == "prefix":
+            c.add_argument("--prefix-len", type=int, default=1000)
+            c.add_argument("--suffix-len", type=int, default=32)
     opts = p.parse_args(argv)
     try:
         if opts.bench == "decode":
@@ -282,6 +493,14 @@ def main(argv=None):
             print_row(bench_spec(opts), opts.json)
         elif opts.bench == "prefill":
             for row in bench_prefill(opts):
+                print_row(row, opts.json)
+        elif opts.bench == "throughput":
+            print_row(bench_throughput(opts), opts.json)
+        elif opts.bench == "serve":
+            for row in bench_serve(opts):
+                print_row(row, opts.json)
+        elif opts.bench == "prefix":
+            for row in bench_prefix(opts):
                 print_row(row, opts.json)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

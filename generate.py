@@ -40,6 +40,16 @@ def parse_args(argv=None):
                           "gguf (a GGUF's Q4/Q8 blocks as they are). GPTQ/AWQ checkpoints: see quantize.py")
     src.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default) or 128")
     src.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: the model's context)")
+    srv = p.add_argument_group("batching (for --prompts-file)")
+    srv.add_argument("--batching", default="auto", choices=["auto", "static", "continuous"],
+                     help="continuous: paged KV cache, each prompt joins and leaves the running batch on its own "
+                          "(default for --prompts-file); static: one padded batch (default for a single prompt)")
+    srv.add_argument("--kv-tokens", type=int, default=None, help="paged KV pool size in tokens (default on CPU: 8 x context, at most 32768)")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="on GPU, fill up to this fraction of memory with weights + KV pool (default 0.9)")
+    srv.add_argument("--block-size", type=int, default=64, help="tokens per KV block (default 64)")
+    srv.add_argument("--max-batch", type=int, default=None, help="most sequences decoding together (default 256 on GPU, 32 on CPU)")
+    srv.add_argument("--max-tokens-per-step", type=int, default=None, help="token budget of one step: decodes plus prompt chunks (default 8192 on GPU, 512 on CPU)")
+    srv.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of prompts seen before")
     inp = p.add_argument_group("input")
     inp.add_argument("--prompt", default=None, help="the prompt (default: a short greeting)")
     inp.add_argument("--prompts-file", default=None, help="one prompt per line, run as one batch")
@@ -129,7 +139,10 @@ def run(args):
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                          max_seq_len=args.max_seq_len, progress=not args.quiet, quant=args.quant,
-                         group_size=args.group_size)
+                         group_size=args.group_size, kv_tokens=args.kv_tokens,
+                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
+                         max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
+                         prefix_caching=not args.no_prefix_caching)
     a = engine.args
     log(args, f"loaded {args.model or 'SmolLM2-135M-Instruct (embedded)'} in {time.perf_counter() - t0:.1f} s: "
               f"{a.n_layers} layers, dim {a.dim}, {a.n_heads}/{a.n_kv_heads} heads, "
@@ -158,9 +171,14 @@ def run(args):
             sys.stdout.flush()
 
     drafter = make_drafter(args, engine)
+    batching = args.batching
+    if batching == "auto":
+        batching = "continuous" if args.prompts_file and a.sliding_window is None and drafter is None else "static"
+    if batching == "continuous" and drafter is not None:
+        raise ValueError("speculative decoding runs with --batching static")
     with prof:
         if drafter is None:
-            results = engine.generate(prompts, params, chat=chat, on_text=on_text)
+            results = engine.generate(prompts, params, chat=chat, on_text=on_text, batching=batching)
         else:
             from speculative import speculative_generate
             k = args.speculate_k or (8 if args.prompt_lookup else 4)
@@ -169,10 +187,11 @@ def run(args):
         sys.stdout.write("\n")
     elif args.jsonl:
         for p, r in zip(raw_prompts, results):
-            print(json.dumps({"prompt": p, "text": r.text, "token_ids": r.token_ids}, ensure_ascii=False))
+            row = {"prompt": p, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            print(json.dumps(row | ({"error": r.error} if r.error else {}), ensure_ascii=False))
     else:
         for i, (p, r) in enumerate(zip(raw_prompts, results)):
-            print(f"--- [{i}] {p}\n{r.text}")
+            print(f"--- [{i}] {p}\n{r.text if r.error is None else 'error: ' + r.error}")
     sys.stdout.flush()
     log(args, engine.metrics.summary())
     if drafter is not None:

@@ -181,12 +181,11 @@ class PagedLayerKV:
         slots = meta["slots"]  # [B * T] where each new token's key and value go
         self.k[0][:, slots] = k.transpose(0, 1).reshape(k.shape[1], B * T, D)  # [Hkv, B*T, D]
         self.v[0][:, slots] = v.transpose(0, 1).reshape(v.shape[1], B * T, D)
-        flex = self.cache.flex
         if meta["kind"] == "decode":
-            return flex(q, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
+            return self.cache.flex(q, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
         # prefill: lay the queries out so that every q block holds one sequence only -> [1, H, Npad, D]
         padded = q.index_select(2, meta["gather"])
-        out = flex(padded, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
+        out = self.cache.flex_prefill(padded, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
         return out.index_select(2, meta["scatter"])  # back to [1, H, N, D]
 
 
@@ -238,6 +237,11 @@ class PagedKVCache:
         # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
         # materialises every score. Decode inside a compiled block inlines it either way.
         self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        # Prefill sizes vary step to step: on CUDA one kernel with a symbolic query length; inductor's
+        # CPU template cannot do that with this mask (a C++ compile error in torch 2.13), so on CPU each
+        # power-of-two size compiles once.
+        dynamic = device.type == "cuda"
+        self.flex_prefill = torch.compile(flex_attention, dynamic=dynamic) if compile else flex_attention
         # Each decode bucket and prefill size is one more compiled shape of that one function; past
         # dynamo's default limit of 8 it would silently fall back to the unfused kernel.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

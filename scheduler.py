@@ -242,6 +242,7 @@ class Engine:
         sched = self.scheduler
         requests, results = [], [None] * len(prompts)
         t0 = time.perf_counter()
+        steps0 = sched.num_steps
         preempt0, queries0, hits0 = sched.num_preemptions, sched.cache.allocator.prefix_queries, sched.cache.allocator.prefix_hits
         for i, p in enumerate(prompts):
             try:
@@ -271,6 +272,7 @@ class Engine:
         m.ttft_s = (min(firsts) - t0) if firsts else 0.0
         m.decode_s = end - (min(firsts) if firsts else t0)
         m.decode_tok_per_s = m.new_tokens / m.decode_s if m.decode_s > 0 else 0.0
+        m.decode_steps = sched.num_steps - steps0
         m.peak_memory_bytes = peak_memory_bytes(self.device)
         m.extra = {"preemptions": sched.num_preemptions - preempt0,
                    "prefix_hit_rate": (alloc.prefix_hits - hits0) / queries if queries else 0.0}
@@ -483,6 +485,9 @@ class Scheduler:
         self._next_id = 0
         self._graphs: dict[int, dict] = {}  # decode bucket -> captured CUDA graph
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.peak_used_blocks = 0
+        self.kv_slots_allocated = self.kv_tokens_stored = 0  # summed over steps: the waste is their gap
         self.watermark = max(1, cache.num_blocks // 100)  # blocks kept free for running sequences to grow
 
     # ------------------------------------------------------------ requests
@@ -524,6 +529,32 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled)
+
+    def warmup(self):
+        """Compile (and on CUDA capture) every decode bucket and prefill size up front, on scratch
+        block 0, so no request pays for compilation later. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        cache, dev = self.cache, self.engine.device
+        with torch.inference_mode():
+            bucket = self._bucket(1)
+            while True:
+                cache.plan_decode([], [], bucket)
+                zeros = torch.zeros(bucket, 1, dtype=torch.long)
+                self._forward_decode(zeros, zeros, bucket)
+                if bucket >= self.max_batch:
+                    break
+                bucket = min(self.max_batch, bucket * 2)
+            qb, page = cache.q_block, cache.block_size
+            n = qb
+            while n <= max(qb, min(self.max_tokens_per_step, 4 * qb)):  # a few sizes: the kernel is dynamic
+                cache.plan_prefill([([0] * math.ceil(n / page), 0, n)])  # one chunk of n tokens in block 0
+                self.engine.model(torch.zeros(1, n, dtype=torch.long, device=dev),
+                                  torch.zeros(1, n, dtype=torch.long, device=dev), cache,
+                                  logits_at=torch.zeros(1, 1, dtype=torch.long, device=dev))
+                n *= 2
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------ one step
 
@@ -629,6 +660,11 @@ class Scheduler:
         events: list[tuple[Request, int, str]] = []
         self._apply_cancellations(events)
         decode, chunks = self._schedule()
+        self.num_steps += 1
+        alloc = self.cache.allocator
+        self.peak_used_blocks = max(self.peak_used_blocks, alloc.num_used_blocks)
+        self.kv_slots_allocated += alloc.num_used_blocks * self.cache.block_size
+        self.kv_tokens_stored += sum(s.num_computed for s in self.running) + len(decode) + sum(n for _, n in chunks)
         now = time.perf_counter()
         for seq, _ in chunks:
             if seq.request.metrics.scheduled is None:
@@ -658,7 +694,9 @@ class Scheduler:
         return events
 
     def _bucket(self, n: int) -> int:
-        return min(self.max_batch, 1 << (n - 1).bit_length())
+        # powers of two; on a GPU at least 8 rows (a step of 8 costs what a step of 1 does)
+        smallest = 8 if self.engine.device.type == "cuda" else 1
+        return min(self.max_batch, max(smallest, 1 << (n - 1).bit_length()))
 
     def _run_decode(self, seqs) -> torch.Tensor:
         """One token for each sequence: -> logits [len(seqs), vocab]."""
