@@ -181,11 +181,13 @@ class PagedLayerKV:
         slots = meta["slots"]  # [B * T] where each new token's key and value go
         self.k[0][:, slots] = k.transpose(0, 1).reshape(k.shape[1], B * T, D)  # [Hkv, B*T, D]
         self.v[0][:, slots] = v.transpose(0, 1).reshape(v.shape[1], B * T, D)
+        opts = self.cache.kernel_options
         if meta["kind"] == "decode":
-            return self.cache.flex(q, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
+            return self.cache.flex(q, self.k, self.v, block_mask=meta["mask"], enable_gqa=True, kernel_options=opts)
         # prefill: lay the queries out so that every q block holds one sequence only -> [1, H, Npad, D]
         padded = q.index_select(2, meta["gather"])
-        out = self.cache.flex_prefill(padded, self.k, self.v, block_mask=meta["mask"], enable_gqa=True)
+        out = self.cache.flex_prefill(padded, self.k, self.v, block_mask=meta["mask"], enable_gqa=True,
+                                      kernel_options=opts)
         return out.index_select(2, meta["scatter"])  # back to [1, H, N, D]
 
 
@@ -237,6 +239,8 @@ class PagedKVCache:
         # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
         # materialises every score. Decode inside a compiled block inlines it either way.
         self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        # The GPU kernels' key tile must not straddle two KV blocks (the block mask's granularity)
+        self.kernel_options = {"BLOCK_N": min(64, block_size)} if device.type == "cuda" else None
         # Prefill sizes vary step to step: on CUDA one kernel with a symbolic query length; inductor's
         # CPU template cannot do that with this mask (a C++ compile error in torch 2.13), so on CPU each
         # power-of-two size compiles once.
