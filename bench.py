@@ -219,9 +219,10 @@ def bench_spec(opts) -> dict:
 
 # ---------------------------------------------------------------- serving (continuous batching)
 
-def serving_engine(opts):
+def serving_engine(opts, before_pool=None):
     """The engine behind the serving benchmarks: a preset with random weights or a real model, compiled
-    decode on CUDA, a paged pool sized as the options say, every shape compiled before timing starts."""
+    decode on CUDA, a paged pool sized as the options say, every shape compiled before timing starts.
+    before_pool(engine) runs first, while the GPU memory the pool will take is still free."""
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     compile = opts.compile if opts.compile is not None else device.type == "cuda"
@@ -234,6 +235,8 @@ def serving_engine(opts):
     else:
         engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile, progress=False, **paged)
         name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
+    if before_pool is not None:
+        before_pool(engine)
     warmup_s = engine.scheduler.warmup()
     return engine, name, warmup_s
 
@@ -255,7 +258,16 @@ def engine_row(engine, name, warmup_s):
 
 def bench_throughput(opts) -> dict:
     """Offline throughput: every request queued at once, each generating exactly output_len tokens."""
-    engine, name, warmup_s = serving_engine(opts)
+    ref = {}
+
+    def reference(engine):  # transformers first: it sizes its paged cache from the free GPU memory
+        if not opts.no_ref:
+            prompts = random_requests(opts.num_requests, opts.min_prompt, opts.max_prompt, engine.args.vocab_size)
+            ref.update(reference_throughput(engine.model, prompts, opts.output_len))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    engine, name, warmup_s = serving_engine(opts, reference)
     sched, cache = engine.scheduler, engine.scheduler.cache
     prompts = random_requests(opts.num_requests, opts.min_prompt, opts.max_prompt, engine.args.vocab_size)
     params = SamplingParams(max_new_tokens=opts.output_len, ignore_eos=True)
@@ -291,14 +303,10 @@ def bench_throughput(opts) -> dict:
            "max_concurrent_seqs_contiguous": int(cache.capacity_tokens // contiguous_len),
            "kv_bytes_per_token": bytes_per_token}
     row["matmul_peak_tflop_per_s"] = matmul_peak(engine.device, engine.dtype)
-    if not opts.no_ref:
-        model = engine.model
-        engine._scheduler = None  # give the pool back before transformers sizes its own
-        del engine, sched, cache
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        row.update(reference_throughput(model, prompts, opts.output_len))
-        row["speedup_vs_ref"] = row["output_tok_per_s"] / row["ref_output_tok_per_s"]
+    if ref:
+        row.update(ref)
+        if ref["ref_output_tokens"]:
+            row["speedup_vs_ref"] = row["output_tok_per_s"] / row["ref_output_tok_per_s"]
     return row
 
 
@@ -308,16 +316,22 @@ def reference_throughput(model, prompts, output_len) -> dict:
 
     ref = transformers_model(model)
     cfg = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ref.generate_batch(inputs=prompts[:4], generation_config=cfg)  # its own warm-up (graph capture)
     device = next(ref.parameters()).device
-    sync(device)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = ref.generate_batch(inputs=prompts, generation_config=cfg)
-    sync(device)
+    try:
+        ref.generate_batch(inputs=prompts[:4], generation_config=cfg)  # its own warm-up (graph capture)
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = ref.generate_batch(inputs=prompts, generation_config=cfg)
+        sync(device)
+    except Exception as e:  # report, do not lose our own figures
+        return {"ref_error": f"{type(e).__name__}: {e}"[:300], "ref_output_tokens": 0}
     elapsed = time.perf_counter() - t
     tokens = sum(len(o.generated_tokens) for o in out.values())
-    return {"ref_output_tok_per_s": tokens / elapsed, "ref_elapsed_s": elapsed, "ref_output_tokens": tokens}
+    row = {"ref_output_tok_per_s": tokens / elapsed, "ref_elapsed_s": elapsed, "ref_output_tokens": tokens}
+    if tokens != len(prompts) * output_len:
+        row["ref_error"] = f"transformers returned {len(out)} of {len(prompts)} requests, {tokens} tokens"
+    return row
 
 
 def percentiles(values, ps=(50, 95, 99)) -> dict:
