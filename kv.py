@@ -239,6 +239,10 @@ class PagedKVCache:
         # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
         # materialises every score. Decode inside a compiled block inlines it either way.
         self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        # Decode: CPU wants the blocks before the last one as "full" (no mask_mod there); the GPU's flex
+        # decoding kernel splits the work over the whole pool's length when any full block exists
+        # (torch 2.11-2.13), so there every block goes in as partial and the exact mask_mod runs.
+        self.decode_full_blocks = device.type != "cuda"
         # The GPU kernels' key tile must not straddle two KV blocks (the block mask's granularity)
         self.kernel_options = {"BLOCK_N": min(64, block_size)} if device.type == "cuda" else None
         # Prefill sizes vary step to step: on CUDA one kernel with a symbolic query length; inductor's
@@ -382,10 +386,11 @@ class PagedKVCache:
         h_qpos = torch.zeros(bucket, dtype=torch.int32)
         h_slots = torch.zeros(bucket, dtype=torch.long)
         p2l_rows, p2l_blocks, p2l_logical = [], [], []
+        split_full = self.decode_full_blocks
         for b, (table, pos) in enumerate(zip(tables, positions)):
             last = pos // page
             h_idx[b, :last + 1] = torch.tensor(table[:last + 1], dtype=torch.int32)
-            h_num[b], h_full[b], h_qpos[b] = 1, last, pos
+            h_num[b], h_full[b], h_qpos[b] = (1, last, pos) if split_full else (last + 1, 0, pos)
             h_slots[b] = table[last] * page + pos % page
             p2l_rows += [b] * (last + 1)
             p2l_blocks += table[:last + 1]
@@ -394,16 +399,19 @@ class PagedKVCache:
         p2l.fill_(-1)
         p2l.index_put_(self._dev_long(p2l_rows, p2l_blocks), self._dev_int(p2l_logical))
         kv_num.view(bucket).copy_(h_num, non_blocking=True)
-        full_num.view(bucket).copy_(h_full, non_blocking=True)
-        full_idx[:, 0, 0, :width].copy_(h_idx, non_blocking=True)
-        # the partial block goes first in kv_idx: shift each row by its number of full blocks
-        last_block = h_idx.gather(1, h_full.long()[:, None])  # [bucket, 1]
-        kv_idx[:, 0, 0, :1].copy_(last_block, non_blocking=True)
+        if split_full:
+            full_num.view(bucket).copy_(h_full, non_blocking=True)
+            full_idx[:, 0, 0, :width].copy_(h_idx, non_blocking=True)
+            # the partial block alone in kv_idx: each row's block number h_full
+            kv_idx[:, 0, 0, :1].copy_(h_idx.gather(1, h_full.long()[:, None]), non_blocking=True)
+        else:
+            kv_idx[:, 0, 0, :width].copy_(h_idx, non_blocking=True)
         self.decode_qpos[:bucket].copy_(h_qpos, non_blocking=True)
         self.decode_slots[:bucket].copy_(h_slots, non_blocking=True)
         meta = self._decode_meta.get(bucket)
         if meta is None:
-            mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(self.q_block, page),
+            full = (full_num, full_idx) if split_full else (None, None)
+            mask = BlockMask.from_kv_blocks(kv_num, kv_idx, *full, BLOCK_SIZE=(self.q_block, page),
                                             mask_mod=self._decode_mask_mod, seq_lengths=(1, self.num_blocks * page),
                                             compute_q_blocks=False)
             meta = self._decode_meta[bucket] = {"kind": "decode", "slots": self.decode_slots[:bucket], "mask": mask}
