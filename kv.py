@@ -179,8 +179,10 @@ class PagedLayerKV:
         # decode: q [B, H, 1, D], one row per sequence; prefill: q [1, H, N, D], the chunks packed
         B, H, T, D = q.shape
         slots = meta["slots"]  # [B * T] where each new token's key and value go
-        self.k[0][:, slots] = k.transpose(0, 1).reshape(k.shape[1], B * T, D)  # [Hkv, B*T, D]
-        self.v[0][:, slots] = v.transpose(0, 1).reshape(v.shape[1], B * T, D)
+        # index the pool tensor itself (not a view of it): inductor then scatters in place instead of
+        # copying the whole pool per layer
+        self.k[:, :, slots] = k.transpose(0, 1).reshape(1, k.shape[1], B * T, D)  # [1, Hkv, B*T, D]
+        self.v[:, :, slots] = v.transpose(0, 1).reshape(1, v.shape[1], B * T, D)
         opts = self.cache.kernel_options
         if meta["kind"] == "decode":
             return self.cache.flex(q, self.k, self.v, block_mask=meta["mask"], enable_gqa=True, kernel_options=opts)
