@@ -380,26 +380,37 @@ class PagedKVCache:
         if bucket > self.max_batch:
             raise ValueError(f"decode batch {bucket} exceeds max_batch {self.max_batch}")
         kv_num, kv_idx, full_num, full_idx = (t[:bucket] for t in self._decode_blocks)
-        # host side: the last block of each row is partial (masked), the ones before it are full
-        h_num = torch.zeros(bucket, dtype=torch.int32)
-        h_full = torch.zeros(bucket, dtype=torch.int32)
-        width = max((p // page + 1 for p in positions), default=1)
+        # host side, vectorised (this runs every step for up to max_batch rows): every row's blocks
+        # up to the one holding its position, flattened
+        counts = [p // page + 1 for p in positions]
+        flat = [block for table, c in zip(tables, counts) for block in table[:c]]
+        total, width = len(flat), max(counts, default=1)
+        rows = torch.repeat_interleave(torch.arange(n), torch.tensor(counts, dtype=torch.long)) if n else torch.zeros(0, dtype=torch.long)
+        starts = torch.zeros(n, dtype=torch.long)
+        if n > 1:
+            starts[1:] = torch.tensor(counts[:-1]).cumsum(0)
+        cols = torch.arange(total) - starts[rows]  # logical block index of each flattened entry
+        blocks = torch.tensor(flat, dtype=torch.int32)
         h_idx = torch.zeros(bucket, width, dtype=torch.int32)
-        h_qpos = torch.zeros(bucket, dtype=torch.int32)
-        h_slots = torch.zeros(bucket, dtype=torch.long)
-        p2l_rows, p2l_blocks, p2l_logical = [], [], []
+        h_idx[rows, cols] = blocks
+        h_full = torch.zeros(bucket, dtype=torch.int32)
+        h_num = torch.zeros(bucket, dtype=torch.int32)
+        last = torch.tensor(counts, dtype=torch.int32) - 1
         split_full = self.decode_full_blocks
-        for b, (table, pos) in enumerate(zip(tables, positions)):
-            last = pos // page
-            h_idx[b, :last + 1] = torch.tensor(table[:last + 1], dtype=torch.int32)
-            h_num[b], h_full[b], h_qpos[b] = (1, last, pos) if split_full else (last + 1, 0, pos)
-            h_slots[b] = table[last] * page + pos % page
-            p2l_rows += [b] * (last + 1)
-            p2l_blocks += table[:last + 1]
-            p2l_logical += range(last + 1)
+        if split_full:  # the last block partial, the ones before it full
+            h_num[:n], h_full[:n] = 1, last
+        else:
+            h_num[:n] = last + 1
+        h_qpos = torch.zeros(bucket, dtype=torch.int32)
+        h_qpos[:n] = torch.tensor(positions, dtype=torch.int32)
+        h_slots = torch.zeros(bucket, dtype=torch.long)
+        if n:
+            h_slots[:n] = h_idx[torch.arange(n), last.long()].long() * page + h_qpos[:n].long() % page
         p2l = self.decode_p2l[:bucket]
         p2l.fill_(-1)
-        p2l.index_put_(self._dev_long(p2l_rows, p2l_blocks), self._dev_int(p2l_logical))
+        dev = self.device
+        p2l.index_put_((rows.to(dev, non_blocking=True), blocks.long().to(dev, non_blocking=True)),
+                       cols.int().to(dev, non_blocking=True))
         kv_num.view(bucket).copy_(h_num, non_blocking=True)
         if split_full:
             full_num.view(bucket).copy_(h_full, non_blocking=True)

@@ -597,9 +597,9 @@ class Scheduler:
     def _schedule(self):
         """-> (decode sequences, [(sequence, chunk length)]): what this step computes."""
         cache = self.cache
-        decode = []
+        decode, preempted = [], set()
         for seq in list(self.running):
-            if seq not in self.running or seq.uncomputed != 1 or len(decode) == self.max_batch:
+            if seq in preempted or seq.uncomputed != 1 or len(decode) == self.max_batch:
                 continue
             while True:  # make room for this token, preempting from the newest end if needed
                 try:
@@ -610,6 +610,7 @@ class Scheduler:
                 except NoFreeBlocks:
                     victim = self.running[-1]
                     self._preempt(victim)
+                    preempted.add(victim)
                     if victim is seq:
                         break
         budget = self.max_tokens_per_step - len(decode)
