@@ -474,8 +474,10 @@ class Scheduler:
     """
 
     def __init__(self, engine, cache: PagedKVCache, max_batch: int, max_tokens_per_step: int,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, overlap: bool = True):
         self.engine, self.cache = engine, cache
+        self.overlap = overlap  # queue a decode step before reading the last one back (see step)
+        self._inflight: dict | None = None  # a launched decode step whose tokens are not read yet
         self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
         self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
@@ -485,7 +487,7 @@ class Scheduler:
         self._next_id = 0
         self._graphs: dict[int, dict] = {}  # decode bucket -> captured CUDA graph
         self.num_preemptions = 0
-        self.num_steps = 0
+        self.num_steps = self.num_overlapped = 0
         self.peak_used_blocks = 0
         self.kv_slots_allocated = self.kv_tokens_stored = 0  # summed over steps: the waste is their gap
         self.watermark = max(1, cache.num_blocks // 100)  # blocks kept free for running sequences to grow
@@ -528,7 +530,7 @@ class Scheduler:
         self._cancelled.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._cancelled)
+        return bool(self.waiting or self.running or self._cancelled or self._inflight)
 
     def warmup(self):
         """Compile (and on CUDA capture) every decode bucket and prefill size up front, on scratch
@@ -657,61 +659,127 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int, str]]:
         """Runs one iteration. Returns (request, sample index, new text) for every sequence that got
-        text or finished; callbacks see the same."""
+        text or finished; callbacks see the same.
+
+        Overlap: when the last step was decode only and nothing else waits, this step is queued on the
+        device before the last one's tokens come back to the host (the next input tokens go device to
+        device), so the host's bookkeeping runs while the GPU computes. A sequence that turns out to
+        have stopped at the last token (EOS, a stop string) computed one row for nothing this step."""
         events: list[tuple[Request, int, str]] = []
-        self._apply_cancellations(events)
-        decode, chunks = self._schedule()
+        overlapped = self._overlappable()
+        if overlapped is not None:
+            self.num_overlapped += 1
+            self._count_step(overlapped, [])
+            launched = self._launch_decode(overlapped, self._inflight)
+            self._resolve(self._inflight, events)
+            self._inflight = launched
+        else:
+            if self._inflight is not None:
+                self._resolve(self._inflight, events)
+                self._inflight = None
+            self._apply_cancellations(events)
+            decode, chunks = self._schedule()
+            self._count_step(decode, chunks)
+            now = time.perf_counter()
+            for seq, _ in chunks:
+                if seq.request.metrics.scheduled is None:
+                    seq.request.metrics.scheduled = now
+            launched = self._launch_decode(decode) if decode else None
+            first_tokens = self._prefill(chunks) if chunks else None
+            if launched is not None and first_tokens is None and self.overlap:
+                self._inflight = launched  # read back during the next step
+            elif launched is not None:
+                self._resolve(launched, events)
+            if first_tokens is not None:
+                self._resolve(first_tokens, events)
+        for request, index, piece in events:
+            if request.on_output is not None:
+                request.on_output(request, index, piece)
+        return events
+
+    def _count_step(self, decode, chunks):
         self.num_steps += 1
         alloc = self.cache.allocator
         self.peak_used_blocks = max(self.peak_used_blocks, alloc.num_used_blocks)
         self.kv_slots_allocated += alloc.num_used_blocks * self.cache.block_size
         self.kv_tokens_stored += sum(s.num_computed for s in self.running) + len(decode) + sum(n for _, n in chunks)
-        now = time.perf_counter()
-        for seq, _ in chunks:
-            if seq.request.metrics.scheduled is None:
-                seq.request.metrics.scheduled = now
-        rows: list[tuple["Sequence", int]] = []  # (sequence that samples, its logits row)
-        logits = []
-        if decode:
-            logits.append(self._run_decode(decode))
-            rows += [(seq, i) for i, seq in enumerate(decode)]
-        if chunks:
-            done_logits, done = self._run_prefill(chunks)
-            base = len(decode)
-            for k, seq in enumerate(done):
-                rows.append((seq, base + k))
-                for child in self._fork(seq):  # parallel samples share the prompt's blocks from here
-                    rows.append((child, base + k))
-            logits.append(done_logits)
-        if self.prefix_caching:  # blocks now full of computed tokens become reusable prefixes
-            for seq in decode + [seq for seq, _ in chunks]:
-                self.cache.publish_full_blocks(seq.tokens, seq.num_computed, seq.block_table, seq.block_hashes)
-        if rows:
-            all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-            self._sample_and_append(rows, all_logits, events)
-        for request, index, piece in events:
-            if request.on_output is not None:
-                request.on_output(request, index, piece)
-        return events
+
+    def _overlappable(self) -> list["Sequence"] | None:
+        """The sequences of an overlapped decode step, with their blocks ready; None when this step
+        must wait for the last one (prompts to schedule, cancellations, a repetition penalty that needs
+        the last token, a block shortage that might need a preemption)."""
+        inflight = self._inflight
+        if inflight is None or not self.overlap or self.waiting or self._cancelled:
+            return None
+        live = [s for s in inflight["seqs"] if s.finish_reason is None]
+        if len(live) != len(self.running):
+            return None
+        seqs, need, page = [], 0, self.cache.block_size
+        alloc = self.cache.allocator
+        for s in live:
+            params = s.request.params
+            if params.repetition_penalty != 1.0:
+                return None
+            # the token in flight is its last if it reaches a length limit
+            if len(s.token_ids) + 1 >= params.max_new_tokens or len(s.tokens) + 1 >= self.engine.max_seq_len:
+                continue
+            i = s.num_computed // page
+            need += i >= len(s.block_table) or alloc.ref_count[s.block_table[i]] > 1
+            seqs.append(s)
+        if not seqs or need > alloc.num_free_blocks:
+            return None
+        for s in seqs:
+            self.cache.grow(s.block_table, s.num_computed + 1)
+            self.cache.make_writable(s.block_table, s.num_computed)
+        return seqs
 
     def _bucket(self, n: int) -> int:
         # powers of two; on a GPU at least 8 rows (a step of 8 costs what a step of 1 does)
         smallest = 8 if self.engine.device.type == "cuda" else 1
         return min(self.max_batch, max(smallest, 1 << (n - 1).bit_length()))
 
-    def _run_decode(self, seqs) -> torch.Tensor:
-        """One token for each sequence: -> logits [len(seqs), vocab]."""
-        n = len(seqs)
+    def _launch_decode(self, seqs, inflight=None) -> dict:
+        """Queue one decode step (one token per sequence) and its sampling; the tokens stay on the
+        device until _resolve reads them. Input tokens come from the host, or (overlapped) straight
+        from the in-flight step's samples."""
+        n, dev = len(seqs), self.engine.device
         bucket = self._bucket(n)
         positions = [s.num_computed for s in seqs]
-        meta = self.cache.plan_decode([s.block_table for s in seqs], positions, bucket)
-        tokens = torch.zeros(bucket, 1, dtype=torch.long)
+        self.cache.plan_decode([s.block_table for s in seqs], positions, bucket)
         pos = torch.zeros(bucket, 1, dtype=torch.long)
-        tokens[:n, 0] = torch.tensor([s.tokens[s.num_computed] for s in seqs])
         pos[:n, 0] = torch.tensor(positions)
+        if inflight is None:
+            tokens = torch.zeros(bucket, 1, dtype=torch.long)
+            tokens[:n, 0] = torch.tensor([s.tokens[s.num_computed] for s in seqs])
+        else:
+            rows = torch.tensor([inflight["row"][s] for s in seqs], device=dev)
+            tokens = torch.zeros(bucket, 1, dtype=torch.long, device=dev)
+            tokens[:n, 0] = inflight["sampled"].index_select(0, rows)
         for s in seqs:
             s.num_computed += 1
-        return self._forward_decode(tokens, pos, bucket)[:n, 0]
+        logits = self._forward_decode(tokens, pos, bucket)[:n, 0]  # [n, vocab]
+        return self._start_readback(seqs, self._sample(seqs, logits))
+
+    def _start_readback(self, seqs, sampled) -> dict:
+        cuda = sampled.device.type == "cuda"
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=cuda)
+        host.copy_(sampled, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return {"seqs": seqs, "sampled": sampled, "host": host, "event": event,
+                "row": {s: i for i, s in enumerate(seqs)}}
+
+    def _sample(self, seqs, logits) -> torch.Tensor:
+        history = None
+        if any(s.request.params.repetition_penalty != 1.0 for s in seqs):
+            width = max(len(s.tokens) for s in seqs)
+            history = torch.full((len(seqs), width), -1, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                history[r, :len(s.tokens)] = torch.tensor(s.tokens)
+            history = history.to(logits.device)
+        return sample_each(logits, [s.request.params for s in seqs], [s.generator for s in seqs], history)
 
     def _forward_decode(self, tokens, pos, bucket):
         engine, dev = self.engine, self.engine.device
@@ -735,9 +803,9 @@ class Scheduler:
         g["graph"].replay()
         return g["logits"]
 
-    def _run_prefill(self, chunks):
-        """Compute the chunks packed in one [1, N] forward. -> (logits [K, vocab], the K sequences whose
-        chunk reached their last token and so sample now)."""
+    def _prefill(self, chunks) -> dict | None:
+        """Compute the chunks packed in one [1, N] forward; the sequences whose chunk reaches their
+        last token sample their next token (parallel samples fork here). -> their readback, or None."""
         dev, cache = self.engine.device, self.cache
         tokens, positions, done, ends = [], [], [], []
         plan = []
@@ -750,11 +818,22 @@ class Scheduler:
             if seq.uncomputed == 0:
                 done.append(seq)
                 ends.append(len(tokens) - 1)
+            if self.prefix_caching:
+                cache.publish_full_blocks(seq.tokens, seq.num_computed, seq.block_table, seq.block_hashes)
         cache.plan_prefill(plan)
         logits_at = torch.tensor([ends], dtype=torch.long, device=dev)  # [1, K]
         logits = self.engine.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
-                                   cache, logits_at=logits_at)
-        return logits[0], done
+                                   cache, logits_at=logits_at)[0]  # [K, vocab]
+        if not done:
+            return None
+        seqs, rows = [], []
+        for k, seq in enumerate(done):
+            for s in [seq] + self._fork(seq):  # parallel samples share the prompt's blocks from here
+                seqs.append(s)
+                rows.append(k)
+        if len(seqs) != len(done):
+            logits = logits.index_select(0, torch.tensor(rows, device=dev))
+        return self._start_readback(seqs, self._sample(seqs, logits))
 
     def _fork(self, seq: "Sequence") -> list["Sequence"]:
         request = seq.request
@@ -770,20 +849,16 @@ class Scheduler:
             children.append(child)
         return children
 
-    def _sample_and_append(self, rows, logits, events):
-        seqs = [seq for seq, _ in rows]
-        logits = logits.index_select(0, torch.tensor([i for _, i in rows], device=logits.device))
-        history = None
-        if any(s.request.params.repetition_penalty != 1.0 for s in seqs):
-            width = max(len(s.tokens) for s in seqs)
-            history = torch.full((len(seqs), width), -1, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                history[r, :len(s.tokens)] = torch.tensor(s.tokens)
-            history = history.to(logits.device)
-        toks = sample_each(logits, [s.request.params for s in seqs], [s.generator for s in seqs], history).tolist()
+    def _resolve(self, batch: dict, events):
+        """Read a launched step's tokens back and append them: stop checks, text, metrics, freeing."""
+        if batch["event"] is not None:
+            batch["event"].synchronize()
+        toks = batch["host"].tolist()
         now = time.perf_counter()
         eos_ids = self.engine.tokenizer.eos_ids if self.engine.tokenizer is not None else set()
-        for seq, tok in zip(seqs, toks):
+        for seq, tok in zip(batch["seqs"], toks):
+            if seq.finish_reason is not None:  # stopped one token earlier: this row was computed for nothing
+                continue
             request, params = seq.request, seq.request.params
             if request.metrics.first_token is None:
                 request.metrics.first_token = now
@@ -793,6 +868,8 @@ class Scheduler:
             if seq.finish_reason is None and (len(seq.token_ids) >= params.max_new_tokens
                                               or len(seq.tokens) >= self.engine.max_seq_len):
                 seq.finish("length")
+            if self.prefix_caching:  # blocks now full of computed tokens become reusable prefixes
+                self.cache.publish_full_blocks(seq.tokens, seq.num_computed, seq.block_table, seq.block_hashes)
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
             piece = seq.take_text()

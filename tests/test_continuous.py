@@ -112,3 +112,18 @@ def test_request_larger_than_the_pool_is_rejected_while_others_finish(engine, al
     assert results[0].token_ids == alone[PROMPTS[0]] and results[2].token_ids == alone[PROMPTS[4]]
     with pytest.raises(ValueError, match="n=0"):
         e.submit(PROMPTS[0], SamplingParams(), n=0)
+
+
+def test_overlapped_steps_stop_exactly_where_synchronous_steps_do(engine):
+    # EOS, stop strings and length limits are only seen a step late when steps overlap; the output
+    # must not change (the extra row a stopped sequence computed is thrown away)
+    chats = [[{"role": "user", "content": q}] for q in ("Say hi.", "What is 2+2?", "Name a colour.")]
+    params = SamplingParams(max_new_tokens=40, stop=("\n\n", "."))
+    on, off = paged(engine), paged(engine)
+    off.scheduler.overlap = False
+    a = on.generate(chats + PROMPTS[:2], params, chat=True, batching="continuous")
+    b = off.generate(chats + PROMPTS[:2], params, chat=True, batching="continuous")
+    assert [(r.text, r.token_ids, r.finish_reason) for r in a] == [(r.text, r.token_ids, r.finish_reason) for r in b]
+    assert any(r.finish_reason in ("eos", "stop") for r in a)
+    assert on.scheduler.num_overlapped > 0 and off.scheduler.num_overlapped == 0
+    assert on.scheduler.cache.allocator.num_used_blocks == 0 and not on.scheduler.has_work()
