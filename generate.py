@@ -71,7 +71,7 @@ def parse_args(argv=None):
     spec.add_argument("--self-draft", action="store_true", help="draft with a layer-skipping copy of the model itself")
     spec.add_argument("--speculate-k", type=int, default=None, help="draft tokens per round to start from (adapts to acceptance; default 8 for prompt lookup, 4 otherwise)")
     out = p.add_argument_group("output")
-    out.add_argument("--jsonl", action="store_true", help='print one {"prompt", "text", "token_ids"} JSON object per prompt on stdout, nothing else')
+    out.add_argument("--jsonl", action="store_true", help='print one {"prompt", "text", "token_ids", "finish_reason"} JSON object per prompt on stdout (plus "error" for a rejected one), nothing else')
     out.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler trace (Chrome/Perfetto JSON) to DIR")
     out.add_argument("--memory-report", action="store_true", help="print weights / KV cache / activation memory and the peak")
     out.add_argument("--quiet", action="store_true", help="no progress bar or timings on stderr")

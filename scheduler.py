@@ -16,6 +16,7 @@ their slot until the whole batch is done.
 import json
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -116,14 +117,20 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Engine:
     def __init__(self, model, tokenizer, device, dtype, compile: bool = False, max_seq_len: int | None = None,
                  kv_tokens: int | None = None, gpu_memory_utilization: float = 0.9, block_size: int = 64,
-                 max_batch: int | None = None, max_tokens_per_step: int | None = None, prefix_caching: bool = True):
+                 max_batch: int | None = None, max_tokens_per_step: int | None = None, prefix_caching: bool = True,
+                 overlap: bool = True):
         """Continuous batching (created on first use) runs over a paged KV pool of kv_tokens tokens, or on
         a GPU of what gpu_memory_utilization leaves; max_batch sequences decode together, and a step
-        computes at most max_tokens_per_step tokens (decodes plus prompt chunks)."""
+        computes at most max_tokens_per_step tokens (decodes plus prompt chunks). overlap: queue each
+        decode step before reading the last one back (more throughput, a step more of latency)."""
         self.paged_config = dict(kv_tokens=kv_tokens, gpu_memory_utilization=gpu_memory_utilization,
                                  block_size=block_size, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
-                                 prefix_caching=prefix_caching)
+                                 prefix_caching=prefix_caching, overlap=overlap)
         self._scheduler = None
+        self._lock = threading.RLock()  # the background loop steps under it; submit/cancel take it too
+        self._wake = threading.Condition(self._lock)
+        self._loop: threading.Thread | None = None
+        self.loop_errors: list[str] = []
         self.model, self.tokenizer = model, tokenizer
         self.args = model.args
         self.device, self.dtype = device, dtype
@@ -221,7 +228,7 @@ class Engine:
             budget = c["max_tokens_per_step"] or (8192 if cuda else 512)
             cache = PagedKVCache(self.args, num_blocks, c["block_size"], self.device, self.dtype,
                                  max_batch=max_batch, max_tokens_per_step=budget)
-            self._scheduler = Scheduler(self, cache, max_batch, budget, c["prefix_caching"])
+            self._scheduler = Scheduler(self, cache, max_batch, budget, c["prefix_caching"], c["overlap"])
         return self._scheduler
 
     def submit(self, prompt, params: SamplingParams | None = None, n: int = 1, chat: bool = False,
@@ -229,14 +236,84 @@ class Engine:
         """Queues a request for continuous batching; step() runs it. on_output(request, sample, text)
         streams its text. A bad request raises ValueError here and never enters the queue."""
         params = params or SamplingParams()
-        return self.scheduler.add(prompt, self.encode(prompt, chat), params, n, on_output)
+        ids = self.encode(prompt, chat)
+        with self._wake:
+            request = self.scheduler.add(prompt, ids, params, n, on_output)
+            self._wake.notify()
+        return request
 
     def step(self):
         """One iteration of continuous batching: -> [(request, sample index, new text)]."""
-        return self.scheduler.step()
+        with self._lock:
+            return self.scheduler.step()
 
     def cancel(self, request: "Request"):
-        self.scheduler.cancel(request)
+        """Stops a request; its blocks are free after the next step (at once when nothing is running)."""
+        with self._wake:
+            self.scheduler.cancel(request)
+            self._wake.notify()
+
+    # ------------------------------------------------------------ serving loop
+
+    def start(self):
+        """Runs continuous batching in a background thread until stop(). Servers and chat apps submit()
+        from any thread and read text through on_output callbacks or `async for` over stream_async().
+        A failing step (out of memory, a bug) ends the requests it held with finish_reason "error" and
+        the loop goes on serving new ones."""
+        if self._loop is not None:
+            return
+        self.scheduler  # build the pool here, not in the loop thread
+        self._stopping = False
+
+        def loop():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._scheduler.has_work():
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    try:
+                        self._scheduler.step()
+                    except Exception as e:  # never take the server down
+                        self.loop_errors.append(f"{type(e).__name__}: {e}")
+                        self._scheduler.abort_all(f"{type(e).__name__}: {e}")
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+
+        self._loop = threading.Thread(target=loop, name="flint-engine", daemon=True)
+        self._loop.start()
+
+    def stop(self):
+        if self._loop is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._loop.join()
+        self._loop = None
+
+    async def stream_async(self, prompt, params: SamplingParams | None = None, chat: bool = False):
+        """Yields one prompt's text piece by piece in an asyncio program (start() must be running).
+        Leaving the loop early (a client that went away) cancels the request and frees its blocks."""
+        import asyncio
+
+        if self._loop is None:
+            raise RuntimeError("stream_async needs the background loop: call engine.start() first")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        request = self.submit(prompt, params, chat=chat,
+                              on_output=lambda req, i, piece: loop.call_soon_threadsafe(
+                                  queue.put_nowait, (piece, req.finished)))
+        try:
+            while True:
+                piece, finished = await queue.get()
+                if piece:
+                    yield piece
+                if finished:
+                    return
+        finally:
+            if not request.finished:
+                self.cancel(request)
 
     def _iter_continuous(self, prompts, params, chat):
         sched = self.scheduler
@@ -450,6 +527,7 @@ class Request:
         self.id, self.prompt, self.prompt_ids, self.params, self.n = request_id, prompt, prompt_ids, params, n
         self.on_output = on_output  # called as on_output(request, sample_index, text_piece)
         self.seqs: list[Sequence] = []
+        self.error: str | None = None  # set when a failed step ended it (finish_reason "error")
         self.metrics = RequestMetrics(arrival=time.perf_counter())
 
     @property
@@ -457,7 +535,8 @@ class Request:
         return len(self.seqs) == self.n and all(s.finish_reason is not None for s in self.seqs)
 
     def results(self) -> list[Result]:
-        return [Result(self.prompt, s.text, s.token_ids, s.finish_reason, len(self.prompt_ids)) for s in self.seqs]
+        return [Result(self.prompt, s.text, s.token_ids, s.finish_reason, len(self.prompt_ids), self.error)
+                for s in self.seqs]
 
 
 class Scheduler:
@@ -478,6 +557,7 @@ class Scheduler:
         self.engine, self.cache = engine, cache
         self.overlap = overlap  # queue a decode step before reading the last one back (see step)
         self._inflight: dict | None = None  # a launched decode step whose tokens are not read yet
+        self._stepping = False
         self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
         self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
@@ -526,8 +606,19 @@ class Scheduler:
         return seq
 
     def cancel(self, request: Request):
-        """Stops a request at the next step and frees its blocks (safe to call from another thread)."""
+        """Stops a request and frees its blocks: at once, or at the start of the next step when called
+        from inside one (an on_output callback). A step queued on the device that still computes its
+        row is harmless: the blocks are only reused by steps queued after it."""
         self._cancelled.append(request)
+        if not self._stepping:
+            events = []
+            self._apply_cancellations(events)
+            self._dispatch(events)
+
+    def _dispatch(self, events):
+        for request, index, piece in events:
+            if request.on_output is not None:
+                request.on_output(request, index, piece)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled or self._inflight)
@@ -580,6 +671,27 @@ class Scheduler:
         seq.num_computed = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def abort_all(self, message: str):
+        """End every request in the scheduler with finish_reason "error" (after a failed step) and free
+        all blocks; the scheduler is then empty and ready for new requests."""
+        self._inflight = None
+        for request in list(self.requests.values()):
+            for seq in request.seqs:
+                if seq.finish_reason is None:
+                    seq.finish("error")
+                self.cache.free(seq.block_table)
+                seq.block_hashes.clear()
+            while len(request.seqs) < request.n:
+                self._new_sequence(request, len(request.seqs)).finish("error")
+            request.error = message
+            request.metrics.finished = time.perf_counter()
+            if request.on_output is not None:
+                request.on_output(request, 0, "")
+        self.requests.clear()
+        self.waiting.clear()
+        self.running.clear()
+        self._cancelled.clear()
 
     def _apply_cancellations(self, events):
         while self._cancelled:
@@ -666,6 +778,15 @@ class Scheduler:
         device), so the host's bookkeeping runs while the GPU computes. A sequence that turns out to
         have stopped at the last token (EOS, a stop string) computed one row for nothing this step."""
         events: list[tuple[Request, int, str]] = []
+        self._stepping = True
+        try:
+            self._step(events)
+        finally:
+            self._stepping = False
+        self._dispatch(events)
+        return events
+
+    def _step(self, events):
         overlapped = self._overlappable()
         if overlapped is not None:
             self.num_overlapped += 1
@@ -692,10 +813,6 @@ class Scheduler:
                 self._resolve(launched, events)
             if first_tokens is not None:
                 self._resolve(first_tokens, events)
-        for request, index, piece in events:
-            if request.on_output is not None:
-                request.on_output(request, index, piece)
-        return events
 
     def _count_step(self, decode, chunks):
         self.num_steps += 1

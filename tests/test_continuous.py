@@ -1,5 +1,9 @@
 """Continuous batching on the real embedded model: whatever the batch around a request does (arrivals,
 departures, preemption, prefix hits, parallel samples), its tokens are the ones it gets alone."""
+import asyncio
+import threading
+import time
+
 import pytest
 import torch
 
@@ -94,7 +98,6 @@ def test_streaming_callbacks_and_cancellation(engine):
         e.step()
     used = e.scheduler.cache.allocator.num_used_blocks
     e.cancel(drop)
-    e.step()
     assert drop.finished and drop.seqs[0].finish_reason == "cancelled"
     assert e.scheduler.cache.allocator.num_used_blocks < used  # its blocks are free at once
     while not keep.finished:
@@ -127,3 +130,58 @@ def test_overlapped_steps_stop_exactly_where_synchronous_steps_do(engine):
     assert any(r.finish_reason in ("eos", "stop") for r in a)
     assert on.scheduler.num_overlapped > 0 and off.scheduler.num_overlapped == 0
     assert on.scheduler.cache.allocator.num_used_blocks == 0 and not on.scheduler.has_work()
+
+
+def test_background_loop_streams_async_and_cancels_clients_that_leave(engine, alone):
+    e = paged(engine)
+    e.start()
+    try:
+        async def collect(prompt, n_pieces=None):
+            pieces = []
+            async for piece in e.stream_async(prompt, SamplingParams(max_new_tokens=NEW, ignore_eos=True)):
+                pieces.append(piece)
+                if n_pieces is not None and len(pieces) == n_pieces:
+                    break  # the client goes away
+            return "".join(pieces)
+
+        async def main():
+            return await asyncio.gather(*(collect(p) for p in PROMPTS[:3]), collect(PROMPTS[3], n_pieces=2))
+
+        texts = asyncio.run(main())
+        for p, text in zip(PROMPTS[:3], texts):
+            assert text == engine.tokenizer.decode(alone[p])
+        deadline = time.time() + 30
+        while e.scheduler.has_work() and time.time() < deadline:
+            time.sleep(0.05)
+        assert e.scheduler.cache.allocator.num_used_blocks == 0 and not e.scheduler.requests
+    finally:
+        e.stop()
+    assert not e.loop_errors
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_loop_goes_on(engine, alone, monkeypatch):
+    e = paged(engine)
+    e.start()
+    try:
+        real = e.scheduler._prefill
+        calls = {"n": 0}
+
+        def flaky(chunks):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(chunks)
+
+        monkeypatch.setattr(e.scheduler, "_prefill", flaky)
+        done = threading.Event()
+        bad = e.submit(PROMPTS[0], SamplingParams(max_new_tokens=8), on_output=lambda r, i, p: r.finished and done.set())
+        assert done.wait(30)
+        assert bad.seqs[0].finish_reason == "error" and "out of memory" in bad.error
+        [r] = [e.submit(PROMPTS[4], SamplingParams(max_new_tokens=NEW, ignore_eos=True))]
+        deadline = time.time() + 60
+        while not r.finished and time.time() < deadline:
+            time.sleep(0.05)
+        assert r.seqs[0].token_ids == alone[PROMPTS[4]]
+    finally:
+        e.stop()
+    assert len(e.loop_errors) == 1

@@ -42,7 +42,7 @@ def test_jsonl_batch_prints_only_json(capsys, tmp_path, engine):
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == prompts
     for r in rows:
-        assert set(r) == {"prompt", "text", "token_ids"}
+        assert set(r) == {"prompt", "text", "token_ids", "finish_reason"}
         assert r["text"] == engine.tokenizer.decode(r["token_ids"])  # EOS ends a row and is not in it
     # the batch gives each prompt the tokens it gets alone
     from sampling import SamplingParams
