@@ -4,6 +4,9 @@ peak) and beside the reference implementation (Hugging Face transformers) run on
     python bench.py decode --preset llama-3-8b --device cuda            # random weights, real shapes
     python bench.py decode --device cpu --json                          # the embedded SmolLM2 (real weights)
     python bench.py decode --model path/or/repo --batch-size 8
+    python bench.py throughput --preset llama-3-8b                      # continuous batching vs generate_batch
+    python bench.py serve --preset llama-3-8b --rates 4,16,48           # Poisson arrivals: TTFT/TBT, goodput
+    python bench.py prefix --preset llama-3-8b                          # TTFT with and without prefix caching
 
 Prints a readable table, or with --json one JSON object per measurement on stdout.
 """
@@ -227,7 +230,8 @@ def serving_engine(opts, before_pool=None):
     dtype = pick_dtype(opts.dtype, device)
     compile = opts.compile if opts.compile is not None else device.type == "cuda"
     paged = dict(kv_tokens=opts.kv_tokens, gpu_memory_utilization=opts.gpu_memory_utilization,
-                 block_size=opts.block_size, max_batch=opts.max_batch, max_tokens_per_step=opts.max_tokens_per_step)
+                 block_size=opts.block_size, max_batch=opts.max_batch, max_tokens_per_step=opts.max_tokens_per_step,
+                 overlap=not opts.no_overlap)
     if opts.preset:
         model = random_model(PRESETS[opts.preset], device, dtype)
         engine = Engine(model, None, device, dtype, compile=compile, **paged)
@@ -478,6 +482,7 @@ def main(argv=None):
         c.add_argument("--block-size", type=int, default=64)
         c.add_argument("--max-batch", type=int, default=None)
         c.add_argument("--max-tokens-per-step", type=int, default=None)
+        c.add_argument("--no-overlap", action="store_true", help="read each decode step back before queuing the next")
         c.add_argument("--num-requests", type=int, default={"throughput": 256, "serve": 200, "prefix": 16}[cmd])
         c.add_argument("--min-prompt", type=int, default=64)
         c.add_argument("--max-prompt", type=int, default=512)

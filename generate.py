@@ -50,6 +50,7 @@ def parse_args(argv=None):
     srv.add_argument("--max-batch", type=int, default=None, help="most sequences decoding together (default 256 on GPU, 32 on CPU)")
     srv.add_argument("--max-tokens-per-step", type=int, default=None, help="token budget of one step: decodes plus prompt chunks (default 8192 on GPU, 512 on CPU)")
     srv.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of prompts seen before")
+    srv.add_argument("--no-overlap", action="store_true", help="read each decode step back before queuing the next (lower tail latency, less throughput)")
     inp = p.add_argument_group("input")
     inp.add_argument("--prompt", default=None, help="the prompt (default: a short greeting)")
     inp.add_argument("--prompts-file", default=None, help="one prompt per line, run as one batch")
@@ -142,7 +143,7 @@ def run(args):
                          group_size=args.group_size, kv_tokens=args.kv_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                          max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
-                         prefix_caching=not args.no_prefix_caching)
+                         prefix_caching=not args.no_prefix_caching, overlap=not args.no_overlap)
     a = engine.args
     log(args, f"loaded {args.model or 'SmolLM2-135M-Instruct (embedded)'} in {time.perf_counter() - t0:.1f} s: "
               f"{a.n_layers} layers, dim {a.dim}, {a.n_heads}/{a.n_kv_heads} heads, "
@@ -191,7 +192,8 @@ def run(args):
             print(json.dumps(row | ({"error": r.error} if r.error else {}), ensure_ascii=False))
     else:
         for i, (p, r) in enumerate(zip(raw_prompts, results)):
-            print(f"--- [{i}] {p}\n{r.text if r.error is None else 'error: ' + r.error}")
+            shown = p if len(p) <= 200 else p[:200] + f"... ({len(p)} characters)"
+            print(f"--- [{i}] {shown}\n{r.text if r.error is None else 'error: ' + r.error}")
     sys.stdout.flush()
     log(args, engine.metrics.summary())
     if drafter is not None:

@@ -12,6 +12,13 @@ How the model uses a cache (model.py knows nothing else about it):
     y = cache.layers[i].attend(q, k, v, input_pos, meta)   # per layer: store k, v; attend over all
 Each layer gets its own small object holding its own tensors, so a compiled Block sees the same
 code and shapes on every layer and compiles once.
+
+PagedKVCache: the serving pool. Keys and values live in fixed-size blocks of one big tensor per layer;
+each sequence has a block table (list of block ids); BlockAllocator keeps the free list, reference counts
+(shared prompt blocks, copy-on-write) and the prefix cache (full blocks keyed by a hash chain of their
+tokens, evicted least recently used). Attention over block tables runs through FlexAttention: a BlockMask
+per step lists each query block's physical blocks (the kernel reads only those) and a mask_mod makes the
+causal cut. The scheduler (scheduler.py) decides who runs; this file owns the memory.
 """
 import math
 from collections import OrderedDict, deque

@@ -9,9 +9,12 @@ drives this one Engine, so there is one generation loop in the project.
     for piece in engine.stream("Tell me a joke", SamplingParams(temperature=0.7), chat=True):
         print(piece, end="", flush=True)
 
-Static batching: a batch of prompts of different lengths is right-padded and every row runs at its own
-positions (see kv.py), so each row's tokens equal what it would get alone. Rows that finish early keep
-their slot until the whole batch is done.
+Static batching (Engine.generate, the default for a single prompt): a batch of prompts of different
+lengths is right-padded and every row runs at its own positions (see kv.py), so each row's tokens equal
+what it would get alone. Rows that finish early keep their slot until the whole batch is done.
+
+Continuous batching (Scheduler, over kv.PagedKVCache): requests join and leave at every step; see
+Engine.submit / step / cancel / start / stream_async and generate(..., batching="continuous").
 """
 import json
 import math
@@ -112,6 +115,18 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     import resource  # host: the process's peak resident set, in KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check_paged_config(c: dict):
+    """One clear error for a bad pool or scheduling option (before anything is allocated)."""
+    if c["block_size"] not in (16, 32, 64, 128, 256):
+        raise ValueError(f"--block-size {c['block_size']}: choose 16, 32, 64, 128 or 256 tokens")
+    for name in ("kv_tokens", "max_batch", "max_tokens_per_step"):
+        if c[name] is not None and (not isinstance(c[name], int) or c[name] < 1):
+            raise ValueError(f"--{name.replace('_', '-')} {c[name]}: must be a positive integer")
+    g = c["gpu_memory_utilization"]
+    if not (isinstance(g, (int, float)) and 0 < g <= 1):
+        raise ValueError(f"--gpu-memory-utilization {g}: must be in (0, 1]")
 
 
 class Engine:
@@ -219,6 +234,7 @@ class Engine:
         if self._scheduler is None:
             c = self.paged_config
             cuda = self.device.type == "cuda"
+            check_paged_config(c)
             max_batch = c["max_batch"] or (256 if cuda else 32)
             kv_tokens = c["kv_tokens"]
             if kv_tokens is None and not cuda:

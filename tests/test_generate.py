@@ -103,3 +103,29 @@ def test_interactive_chat_two_turns(smollm2_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr
     assert "Ada" in p.stdout
+
+
+def test_prompts_file_runs_continuous_batching_and_reports_a_rejected_prompt(capsys, smollm2_path, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\n" + "word " * 600 + "\nWater boils at\n")
+    code, out, err = run_cli(capsys, "--prompts-file", str(prompts), "--jsonl", "--max-new-tokens", "8",
+                             "--max-seq-len", "512", "--kv-tokens", "2048", "--block-size", "16")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["finish_reason"] for r in rows] == ["length", "error", "length"]
+    assert "context is 512 tokens" in rows[1]["error"] and rows[0]["text"] and rows[2]["text"]
+    [static] = [json.loads(line) for line in run_cli(capsys, "--prompt", "The capital of France is", "--jsonl",
+                                                     "--max-new-tokens", "8")[1].splitlines()]
+    assert static["token_ids"] == rows[0]["token_ids"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block-size", "24"], "--block-size 24"),
+    (["--max-batch", "0"], "--max-batch 0"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5"),
+])
+def test_bad_pool_options_give_one_line_errors(capsys, smollm2_path, tmp_path, flags, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    code, out, err = run_cli(capsys, "--prompts-file", str(prompts), "--quiet", *flags)
+    assert code == 2 and message in err and "Traceback" not in err
