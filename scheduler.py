@@ -117,6 +117,22 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def capture_cuda_graph(step):
+    """Runs step() twice on a side stream (compiling it), then captures one call in a CUDA graph.
+    -> (graph, the output tensor the graph writes on every replay). The warm-up calls must be harmless
+    to repeat: a decode step rewrites the same keys and values at the same positions."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def check_paged_config(c: dict):
     """One clear error for a bad pool or scheduling option (before anything is allocated)."""
     if c["block_size"] not in (16, 32, 64, 128, 256):
@@ -491,15 +507,7 @@ class Engine:
             g = {"cache": cache, "tokens": tokens.clone(), "pos": input_pos.clone()}
             # Warm up (compiles) on a side stream. It writes the same keys and values the real step
             # writes (same tokens, same positions), so the cache is unharmed.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.model(g["tokens"], g["pos"], cache)
-            torch.cuda.current_stream().wait_stream(side)
-            g["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g["graph"]):
-                g["logits"] = self.model(g["tokens"], g["pos"], cache)
+            g["graph"], g["logits"] = capture_cuda_graph(lambda: self.model(g["tokens"], g["pos"], cache))
             self._graph = g
         g["tokens"].copy_(tokens)
         g["pos"].copy_(input_pos)
@@ -920,16 +928,8 @@ class Scheduler:
             return engine.model(tokens.to(dev), pos.to(dev), self.cache)
         g = self._graphs.get(bucket)
         if g is None:  # capture this bucket's step once (see Engine._decode for the static cache)
-            g = {"tokens": tokens.to(dev), "pos": pos.to(dev)}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    engine.model(g["tokens"], g["pos"], self.cache)
-            torch.cuda.current_stream().wait_stream(side)
-            g["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g["graph"]):
-                g["logits"] = engine.model(g["tokens"], g["pos"], self.cache)
+            g = {"tokens": tokens.to(dev, copy=True), "pos": pos.to(dev, copy=True)}
+            g["graph"], g["logits"] = capture_cuda_graph(lambda: engine.model(g["tokens"], g["pos"], self.cache))
             self._graphs[bucket] = g
         g["tokens"].copy_(tokens, non_blocking=True)
         g["pos"].copy_(pos, non_blocking=True)
