@@ -133,10 +133,11 @@ def capture_cuda_graph(step):
     return graph, out
 
 
-def check_paged_config(c: dict):
+def check_paged_config(c: dict, cuda: bool):
     """One clear error for a bad pool or scheduling option (before anything is allocated)."""
-    if c["block_size"] not in (16, 32, 64, 128, 256):
-        raise ValueError(f"--block-size {c['block_size']}: choose 16, 32, 64, 128 or 256 tokens")
+    sizes = (16, 32, 64, 128, 256) if cuda else (8, 16, 32, 64, 128, 256)  # GPU kernels tile by >= 16
+    if c["block_size"] not in sizes:
+        raise ValueError(f"--block-size {c['block_size']}: choose {', '.join(map(str, sizes))} tokens")
     for name in ("kv_tokens", "max_batch", "max_tokens_per_step"):
         if c[name] is not None and (not isinstance(c[name], int) or c[name] < 1):
             raise ValueError(f"--{name.replace('_', '-')} {c[name]}: must be a positive integer")
@@ -250,7 +251,7 @@ class Engine:
         if self._scheduler is None:
             c = self.paged_config
             cuda = self.device.type == "cuda"
-            check_paged_config(c)
+            check_paged_config(c, cuda)
             max_batch = c["max_batch"] or (256 if cuda else 32)
             kv_tokens = c["kv_tokens"]
             if kv_tokens is None and not cuda:
