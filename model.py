@@ -268,6 +268,13 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def run_layers(layers, x, cos, sin, input_pos, kv_layers, meta):
+    """All blocks of a one-token step in a row (what compile_decode(whole_model=True) compiles)."""
+    for layer, kv in zip(layers, kv_layers):
+        x = Block.forward(layer, x, cos, sin, input_pos, kv, meta)
+    return x
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -282,6 +289,7 @@ class Transformer(nn.Module):
         inv_freq, self.rope_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decode_block = None  # compiled Block.forward for one-token steps (compile_decode)
+        self.decode_layers = None  # or: all layers of a one-token step as one compiled graph
 
     def forward(self, tokens, input_pos=None, cache=None, logits_at=None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
@@ -298,19 +306,32 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
         meta = cache.prepare(input_pos, fresh) if cache is not None else None
-        step = self.decode_block if T == 1 and self.decode_block is not None else Block.__call__
-        for i, layer in enumerate(self.layers):
-            x = step(layer, x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
+        if T == 1 and self.decode_layers is not None and cache is not None:
+            x = self.decode_layers(self.layers, x, cos, sin, input_pos, cache.layers, meta)
+        else:
+            step = self.decode_block if T == 1 and self.decode_block is not None else Block.__call__
+            for i, layer in enumerate(self.layers):
+                x = step(layer, x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
         if logits_at is not None:  # [B] -> one position per row, [B, K] -> K positions per row
             at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
             x = x[torch.arange(B, device=x.device)[:, None], at]  # [B, K, dim]
         return self.lm_head(self.norm(x)).float()
 
-    def compile_decode(self, **compile_kwargs):
+    def compile_decode(self, whole_model: bool = False, **compile_kwargs):
         """Compile the one-token step of a block. Every layer runs the same code on the same shapes
         with its own weights and cache tensors as inputs, so it compiles once, not n_layers times;
-        prefill (any length) stays eager and never triggers a recompilation."""
-        self.decode_block = torch.compile(Block.forward, fullgraph=True, dynamic=False, **compile_kwargs)
+        prefill (any length) stays eager and never triggers a recompilation.
+        whole_model=True compiles the loop over all layers as one graph instead: slower to compile (tens
+        of seconds on a CPU) but one call per token instead of n_layers, which is what a CPU wants (no
+        CUDA graph hides the cost of a call there)."""
+        if whole_model:
+            self.decode_layers = torch.compile(run_layers, fullgraph=True, dynamic=False, **compile_kwargs)
+        else:
+            self.decode_block = torch.compile(Block.forward, fullgraph=True, dynamic=False, **compile_kwargs)
+
+    @property
+    def compiled_decode(self) -> bool:
+        return self.decode_block is not None or self.decode_layers is not None
 
     def hf_shapes(self) -> dict[str, tuple]:
         """Parameter names and shapes as a Hugging Face checkpoint stores them (q/k/v, gate/up apart)."""

@@ -174,8 +174,9 @@ class Engine:
         if compile:
             # Decode has static shapes ([B, 1] tokens over a fixed-size cache): one compiled block
             # serves every layer, every step and every prompt length. On CUDA the whole step is then
-            # captured in a CUDA graph by hand, so a token costs one graph launch.
-            self.model.compile_decode()
+            # captured in a CUDA graph by hand, so a token costs one graph launch. A CPU has no such
+            # graph, so there all layers compile as one graph (one call per token; slower to compile).
+            self.model.compile_decode(whole_model=torch.device(device).type != "cuda")
         # bytes of weights one decode step reads: everything but the embedding table, of which a
         # step reads one row (unless it is tied to the lm head, which reads all of it)
         self.weight_bytes = model_bytes(model)  # parameters and quantized buffers, shared ones once
@@ -234,7 +235,9 @@ class Engine:
         if seq_len > self.max_seq_len:
             raise ValueError(f"{seq_len} tokens do not fit the context of {self.max_seq_len}")
         if self.compiled:
-            seq_len = min(self.max_seq_len, max(1024, 1 << (seq_len - 1).bit_length()))
+            # (on CPU from 256: there attention over unused slots costs real time, a recompile little)
+            smallest = 1024 if self.device.type == "cuda" else 256
+            seq_len = min(self.max_seq_len, max(smallest, 1 << (seq_len - 1).bit_length()))
         else:
             seq_len = min(self.max_seq_len, 64 * math.ceil(seq_len / 64))
         c = self.cache

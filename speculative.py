@@ -187,7 +187,7 @@ class ModelDrafter:
         return StaticKVCache(self.args, batch, seq_len, device, dtype)
 
     def _forward(self, tokens, pos, logits_at=None, fresh=False):
-        if getattr(self.model, "decode_block", None) is None:  # a compiled block wants one kv_len
+        if not self.model.compiled_decode:  # a compiled step wants one kv_len
             self.cache.attend_upto(int(pos.max()) + 1)
         return self.model(tokens, None if fresh else pos, self.cache, logits_at=logits_at)
 
@@ -259,7 +259,8 @@ def layer_skip_model(target: Transformer, keep: list[int]) -> Transformer:
     model.embed_tokens, model.norm, model.lm_head = target.embed_tokens, target.norm, target.lm_head
     model.layers = nn.ModuleList(target.layers[i] for i in keep)
     model.inv_freq, model.rope_factor = target.inv_freq, target.rope_factor
-    model.decode_block = getattr(target, "decode_block", None)  # a compiled block works for any layer
+    model.decode_block = target.decode_block  # a compiled block works for any layer
+    model.decode_layers = target.decode_layers  # (the whole-model one compiles once more for fewer layers)
     model.keep, model.target_args = keep, target.args
     return model.eval()
 
