@@ -243,7 +243,6 @@ class PagedKVCache:
         max_qblocks = 1 << (n_qblocks - 1).bit_length()
         self.prefill_qpos = torch.zeros(self.q_block * max_qblocks, dtype=torch.int32, device=device)
         self.prefill_p2l = torch.full((max_qblocks, num_blocks), -1, dtype=torch.int32, device=device)
-        self._prefill_rows_used = 0
         self.meta = None
         # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
         # materialises every score. Decode inside a compiled block inlines it either way.
@@ -322,10 +321,23 @@ class PagedKVCache:
         if need > self.allocator.num_free_blocks:
             raise NoFreeBlocks(f"need {need} KV blocks, {self.allocator.num_free_blocks} free")
         for _ in range(need):
-            self.assign(table, self.allocator.allocate())
+            table.append(self.allocator.allocate())
 
-    def assign(self, table: list[int], block: int):
-        table.append(block)
+    def blocks_to_write(self, table: list[int], start: int, n: int) -> int:
+        """Blocks that writing n tokens from position start takes: new ones at the end, plus a copy of
+        the block holding start when it is shared."""
+        i = start // self.block_size
+        shared = i < len(table) and self.allocator.ref_count[table[i]] > 1
+        return self.blocks_needed(table, start + n) + shared
+
+    def reserve(self, table: list[int], start: int, n: int):
+        """Make positions start..start+n-1 writable: grow the table, copy a shared block (copy-on-write).
+        NoFreeBlocks, with nothing allocated, when the free blocks do not suffice."""
+        need = self.blocks_to_write(table, start, n)
+        if need > self.allocator.num_free_blocks:
+            raise NoFreeBlocks(f"need {need} KV blocks, {self.allocator.num_free_blocks} free")
+        self.grow(table, start + n)
+        self.make_writable(table, start)
 
     def make_writable(self, table: list[int], pos: int):
         """Copy-on-write: before writing position pos, give the sequence its own copy of a shared block."""
@@ -375,9 +387,6 @@ class PagedKVCache:
             hashes.append(h)
 
     # ------------------------------------------------------------ steps
-
-    def slot(self, table: list[int], pos: int) -> int:
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def plan_decode(self, tables: list[list[int]], positions: list[int], bucket: int) -> dict:
         """One new token per sequence at positions[b]; rows past len(tables) up to bucket are padding
@@ -503,7 +512,3 @@ class PagedKVCache:
 
     def prepare(self, input_pos, fresh: bool = False):
         return self.meta  # planned by plan_decode / plan_prefill
-
-    def reset(self):
-        """Forget every block table and cached prefix (the scheduler must hold none)."""
-        self.allocator = BlockAllocator(self.num_blocks, self.block_size)

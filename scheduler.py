@@ -745,8 +745,7 @@ class Scheduler:
                 continue
             while True:  # make room for this token, preempting from the newest end if needed
                 try:
-                    cache.grow(seq.block_table, seq.num_computed + 1)
-                    cache.make_writable(seq.block_table, seq.num_computed)
+                    cache.reserve(seq.block_table, seq.num_computed, 1)
                     decode.append(seq)
                     break
                 except NoFreeBlocks:
@@ -792,8 +791,7 @@ class Scheduler:
         n = min(n, room)
         if n <= 0:
             return 0
-        cache.grow(seq.block_table, seq.num_computed + n)
-        cache.make_writable(seq.block_table, seq.num_computed)
+        cache.reserve(seq.block_table, seq.num_computed, n)
         return n
 
     @torch.inference_mode()
@@ -859,8 +857,7 @@ class Scheduler:
         live = [s for s in inflight["seqs"] if s.finish_reason is None]
         if len(live) != len(self.running):
             return None
-        seqs, need, page = [], 0, self.cache.block_size
-        alloc = self.cache.allocator
+        seqs, need = [], 0
         for s in live:
             params = s.request.params
             if params.repetition_penalty != 1.0:
@@ -868,14 +865,12 @@ class Scheduler:
             # the token in flight is its last if it reaches a length limit
             if len(s.token_ids) + 1 >= params.max_new_tokens or len(s.tokens) + 1 >= self.engine.max_seq_len:
                 continue
-            i = s.num_computed // page
-            need += i >= len(s.block_table) or alloc.ref_count[s.block_table[i]] > 1
+            need += self.cache.blocks_to_write(s.block_table, s.num_computed, 1)
             seqs.append(s)
-        if not seqs or need > alloc.num_free_blocks:
+        if not seqs or need > self.cache.allocator.num_free_blocks:
             return None
         for s in seqs:
-            self.cache.grow(s.block_table, s.num_computed + 1)
-            self.cache.make_writable(s.block_table, s.num_computed)
+            self.cache.reserve(s.block_table, s.num_computed, 1)
         return seqs
 
     def _bucket(self, n: int) -> int:

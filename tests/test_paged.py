@@ -6,24 +6,16 @@ import pytest
 import torch
 
 from kv import BlockAllocator, NoFreeBlocks, PagedKVCache
-from model import ModelArgs, Transformer
+from model import ModelArgs
 from sampling import SamplingParams
 from scheduler import Engine
 
 ARGS = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(ARGS).eval().requires_grad_(False)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model
-
-
 @torch.inference_mode()
-def test_paged_prefill_chunks_and_decode_equal_contiguous_sdpa():
-    model = tiny_model()
+def test_paged_prefill_chunks_and_decode_equal_contiguous_sdpa(tiny_model):
+    model = tiny_model(ARGS)
     cache = PagedKVCache(ARGS, num_blocks=40, block_size=8, max_batch=4, max_tokens_per_step=96, q_block=16)
     torch.manual_seed(1)
     seqs = [torch.randint(0, ARGS.vocab_size, (n,)).tolist() for n in (37, 21, 50)]
@@ -36,7 +28,7 @@ def test_paged_prefill_chunks_and_decode_equal_contiguous_sdpa():
     tables = [[], [], []]
     for t, s in zip(tables, seqs):
         for _ in range(-(-len(s) // 8)):
-            cache.assign(t, order.pop())
+            t.append(order.pop())
     done = [0, 0, 0]
 
     def prefill(pieces):  # [(seq index, n tokens)] packed into one [1, N] forward
@@ -148,8 +140,8 @@ def check_invariants(sched):
     assert all(alloc.cached[alloc.block_hash[b]] == b for b in evictable)
 
 
-def test_scheduler_random_arrivals_finishes_and_cancels_keep_the_allocator_consistent():
-    model = tiny_model()
+def test_scheduler_random_arrivals_finishes_and_cancels_keep_the_allocator_consistent(tiny_model):
+    model = tiny_model(ARGS)
     engine = Engine(model, None, torch.device("cpu"), torch.float32, max_seq_len=128, kv_tokens=24 * 8,
                     block_size=8, max_batch=8, max_tokens_per_step=48)
     alone = Engine(model, None, torch.device("cpu"), torch.float32, max_seq_len=128)
