@@ -32,3 +32,19 @@ def hf_smollm2(smollm2_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     return model, tok
+
+
+@pytest.fixture
+def tiny_model():
+    """tiny_model(args, seed=0): a Transformer with random weights (std 0.3: peaked next-token
+    distributions, so greedy comparisons between code paths do not hinge on near-ties)."""
+    from model import Transformer
+
+    def make(args, seed=0):
+        torch.manual_seed(seed)
+        model = Transformer(args).eval().requires_grad_(False)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        return model
+
+    return make

@@ -3,25 +3,18 @@ import torch
 import torch._dynamo
 
 from kv import StaticKVCache
-from model import ModelArgs, Transformer
+from model import ModelArgs
 from sampling import SamplingParams
 from scheduler import Engine
 
 ARGS = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=128)
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(ARGS).eval().requires_grad_(False)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model
-
-
-def test_compiled_decode_matches_eager_and_never_recompiles():
+def test_compiled_decode_matches_eager_and_never_recompiles(tiny_model):
     torch._dynamo.reset()
-    eager = Engine(tiny_model(), None, torch.device("cpu"), torch.float32, max_seq_len=64)
-    compiled = Engine(tiny_model(), None, torch.device("cpu"), torch.float32, compile=True, max_seq_len=64)
+    torch._dynamo.utils.counters.clear()  # counts from earlier tests in this process are not ours
+    eager = Engine(tiny_model(ARGS), None, torch.device("cpu"), torch.float32, max_seq_len=64)
+    compiled = Engine(tiny_model(ARGS), None, torch.device("cpu"), torch.float32, compile=True, max_seq_len=64)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]
@@ -42,9 +35,10 @@ def test_compiled_decode_matches_eager_and_never_recompiles():
 
 
 @torch.no_grad()
-def test_compiled_logits_match_eager():
+def test_compiled_logits_match_eager(tiny_model):
     torch._dynamo.reset()
-    model = tiny_model(1)
+    torch._dynamo.utils.counters.clear()  # counts from earlier tests in this process are not ours
+    model = tiny_model(ARGS, 1)
     tokens = torch.randint(0, 128, (2, 9))
     caches = [StaticKVCache(ARGS, 2, 32) for _ in range(2)]
     ref = [model(tokens, None, caches[0])]
