@@ -74,12 +74,15 @@ class StaticKVCache:
         the new tokens with a causal mask, which SDPA's flash kernel does without materialising one."""
         if fresh and (self.window is None or input_pos.shape[1] <= self.window):
             return None
-        # input_pos [B, T] -> boolean masks [B, 1, T, kv_len]: causal, and causal within the window
+        # input_pos [B, T] -> additive masks [B, 1, T, kv_len] (0 or -inf): causal, and causal within
+        # the window. Made here once per step: SDPA would turn a boolean mask into this in every layer.
         k_pos = torch.arange(self.kv_len, device=input_pos.device)
         q_pos = input_pos[:, None, :, None]
         causal = k_pos <= q_pos
         windowed = causal & (k_pos > q_pos - self.window) if self.window is not None else None
-        return causal, windowed
+        dtype = self.layers[0].k.dtype
+        return tuple(None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, -math.inf)
+                     for m in (causal, windowed))
 
     def reset(self):
         for layer in self.layers:
