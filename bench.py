@@ -28,6 +28,8 @@ PRESETS = {
                             norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
     "llama-2-7b": ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                             norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
+    "llama-3.2-1b": ModelArgs(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                              ffn_dim=8192, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
     "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                               norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
 }
@@ -202,22 +204,39 @@ def bench_prefill(opts) -> list[dict]:
 
 
 def bench_spec(opts) -> dict:
-    """Target-only vs speculative on an input-grounded task (copy a passage with corrections), same run."""
+    """Target-only vs speculative on an input-grounded task (copy a passage with corrections), same run.
+    With --preset the target has random weights in a real shape and the prompt is random tokens: then
+    acceptance means nothing and the figure that counts is the cost of a round against a decode step."""
     import speculative
     from weights import load_model
 
-    engine = Engine.load(opts.model, device=opts.device, dtype=opts.dtype, progress=False)
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    compile = opts.compile if opts.compile is not None else device.type == "cuda"
+    prompts, hf = None, not opts.no_ref
+    if opts.preset:
+        engine = Engine(random_model(PRESETS[opts.preset], device, dtype), None, device, dtype, compile=compile,
+                        max_seq_len=2048)
+        g = torch.Generator().manual_seed(0)
+        prompts, hf = [torch.randint(100, engine.args.vocab_size - 100, (opts.prompt_len,), generator=g).tolist()], False
+    else:
+        engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile, progress=False)
     if opts.drafter == "prompt-lookup":
         drafter = speculative.PromptLookupDrafter()
     elif opts.drafter == "self":
         drafter = speculative.self_drafter(engine)
-    else:
-        if not opts.draft:
-            raise ValueError("--drafter draft needs --draft MODEL")
+    elif opts.draft in PRESETS:
+        drafter = speculative.ModelDrafter(random_model(PRESETS[opts.draft], device, dtype), name=f"{opts.draft} (random)")
+    elif opts.draft:
         drafter = speculative.ModelDrafter(load_model(opts.draft, engine.device, engine.dtype, progress=False)[0])
-    row = speculative.bench_speculative(engine, drafter, k=opts.k, adaptive=not opts.fixed_k,
-                                        new_tokens=opts.new_tokens, repeats=opts.repeats, hf_reference=not opts.no_ref)
-    return {"bench": "speculative", "drafter": opts.drafter, "device": str(engine.device), **row}
+    else:
+        raise ValueError("--drafter draft needs --draft MODEL (a path, repo id or preset name)")
+    row = speculative.bench_speculative(engine, drafter, prompts=prompts, k=opts.k, adaptive=not opts.fixed_k,
+                                        new_tokens=opts.new_tokens, repeats=opts.repeats, hf_reference=hf,
+                                        chat=prompts is None)
+    return {"bench": "speculative", "target": opts.preset or opts.model or "smollm2-135m-instruct",
+            "drafter": opts.drafter, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."), "compile": compile, "torch": torch.__version__, **row}
 
 
 # ---------------------------------------------------------------- serving (continuous batching)
@@ -448,8 +467,14 @@ def main(argv=None):
     q.add_argument("--json", action="store_true")
     s = sub.add_parser("speculative", help="speculative decoding: acceptance and speedup over target-only, same run")
     s.add_argument("--model", default=None, help="target (default: the embedded SmolLM2)")
+    s.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="target with random weights in a real shape, random prompt (measures round cost)")
+    s.add_argument("--prompt-len", type=int, default=128, help="with --preset")
     s.add_argument("--drafter", choices=["prompt-lookup", "self", "draft"], default="prompt-lookup")
-    s.add_argument("--draft", default=None, metavar="MODEL", help="draft model for --drafter draft")
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="draft model for --drafter draft: a path or repo id, or a preset name (random weights)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled steps + CUDA graphs (default: on for CUDA)")
     s.add_argument("-k", type=int, default=8, help="draft tokens per round to start from")
     s.add_argument("--fixed-k", action="store_true", help="no adaptive k")
     s.add_argument("--new-tokens", type=int, default=400)

@@ -291,13 +291,16 @@ class Transformer(nn.Module):
         self.decode_block = None  # compiled Block.forward for one-token steps (compile_decode)
         self.decode_layers = None  # or: all layers of a one-token step as one compiled graph
 
-    def forward(self, tokens, input_pos=None, cache=None, logits_at=None):
+    def forward(self, tokens, input_pos=None, cache=None, logits_at=None, compiled=None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
 
         input_pos [B, T]: the position of every token (rows may be at different positions);
         None means 0..T-1 in every row (a prefill from scratch, which takes the flash path).
         logits_at [B] or [B, K]: if given, only the hidden states at these indices of each row go through
         the head, giving logits [B, 1 or K, vocab] (prefill needs the last prompt token only).
+        compiled: run the compiled step of compile_decode (None: for one-token steps only). A caller with
+        a few tokens in shapes that repeat (speculative verification, T = k + 1) asks for it too: each
+        new shape compiles once more, so it is not for prefills of every length.
         """
         B, T = tokens.shape
         fresh = input_pos is None  # every row starts at position 0: causal attention over these tokens
@@ -306,10 +309,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # [B, T, dim]
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
         meta = cache.prepare(input_pos, fresh) if cache is not None else None
-        if T == 1 and self.decode_layers is not None and cache is not None:
+        compiled = (T == 1 if compiled is None else compiled) and cache is not None
+        if compiled and self.decode_layers is not None:
             x = self.decode_layers(self.layers, x, cos, sin, input_pos, cache.layers, meta)
         else:
-            step = self.decode_block if T == 1 and self.decode_block is not None else Block.__call__
+            step = self.decode_block if compiled and self.decode_block is not None else Block.__call__
             for i, layer in enumerate(self.layers):
                 x = step(layer, x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
         if logits_at is not None:  # [B] -> one position per row, [B, K] -> K positions per row
@@ -324,6 +328,8 @@ class Transformer(nn.Module):
         whole_model=True compiles the loop over all layers as one graph instead: slower to compile (tens
         of seconds on a CPU) but one call per token instead of n_layers, which is what a CPU wants (no
         CUDA graph hides the cost of a call there)."""
+        # one compiled graph per step shape (batch sizes, cache sizes, speculative k + 1): allow many
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if whole_model:
             self.decode_layers = torch.compile(run_layers, fullgraph=True, dynamic=False, **compile_kwargs)
         else:

@@ -133,6 +133,35 @@ def capture_cuda_graph(step):
     return graph, out
 
 
+class GraphedForward:
+    """model(tokens [B, T], input_pos [B, T], cache) -> logits [B, T, vocab] for steps whose shapes repeat
+    (decode, speculative verification). On a compiled CUDA engine each token shape is captured once in a
+    CUDA graph over the compiled block and then replayed: a step costs one graph launch instead of
+    hundreds of kernel launches. Elsewhere it is the plain call. The graphs hold this cache's tensors,
+    so it is one object per cache; the returned logits are overwritten by the next replay."""
+
+    def __init__(self, model, cache, device, graphs: bool):
+        self.model, self.cache, self.device, self.use_graphs = model, cache, device, graphs
+        self.graphs: dict[tuple, dict] = {}  # tokens shape -> graph, its input buffers and its output
+
+    def __call__(self, tokens, input_pos):
+        """tokens, input_pos: on the device, or in pinned host memory (copied without a sync)."""
+        if not self.use_graphs:
+            return self.model(tokens.to(self.device), input_pos.to(self.device), self.cache)
+        g = self.graphs.get(tuple(tokens.shape))
+        if g is None:
+            g = {"tokens": tokens.to(self.device, copy=True), "pos": input_pos.to(self.device, copy=True)}
+            # Warm up (compiles) on a side stream. It writes the keys and values the real step writes
+            # (same tokens, same positions), so the cache is unharmed.
+            g["graph"], g["logits"] = capture_cuda_graph(
+                lambda: self.model(g["tokens"], g["pos"], self.cache, compiled=True))
+            self.graphs[tuple(tokens.shape)] = g
+        g["tokens"].copy_(tokens, non_blocking=True)
+        g["pos"].copy_(input_pos, non_blocking=True)
+        g["graph"].replay()
+        return g["logits"]
+
+
 def check_paged_config(c: dict, cuda: bool):
     """One clear error for a bad pool or scheduling option (before anything is allocated)."""
     sizes = (16, 32, 64, 128, 256) if cuda else (8, 16, 32, 64, 128, 256)  # GPU kernels tile by >= 16
@@ -170,7 +199,7 @@ class Engine:
         self.cache: StaticKVCache | None = None
         self.metrics = Metrics()
         self.compiled = compile
-        self._graph = None  # the captured CUDA graph of one decode step (compiled decode on CUDA)
+        self._graph: GraphedForward | None = None  # decode steps over self.cache (CUDA graphs if compiled)
         if compile:
             # Decode has static shapes ([B, 1] tokens over a fixed-size cache): one compiled block
             # serves every layer, every step and every prompt length. On CUDA the whole step is then
@@ -184,6 +213,11 @@ class Engine:
         if not self.args.tie_embeddings:
             emb = model.embed_tokens.weight
             self.weight_bytes_per_step -= emb.numel() * emb.element_size()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether steps of static shapes (decode, verification) replay CUDA graphs: compiled, on CUDA."""
+        return self.compiled and self.device.type == "cuda"
 
     @classmethod
     def load(cls, source=None, device="auto", dtype="auto", compile=False, max_seq_len=None, progress=True,
@@ -472,7 +506,7 @@ class Engine:
             if step + 1 < max_new:
                 if not self.compiled:  # attend over the longest row so far
                     cache.attend_upto(longest + step + 1)
-                logits = self._decode(next_tok[:, None], pos[:, None], cache)[:, 0]  # one token per row
+                logits = self.decode_forward(next_tok[:, None], pos[:, None], cache)[:, 0]  # one token per row
                 m.decode_steps += 1
                 m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
                 pos = (pos + 1).clamp(max=cache.max_seq_len - 1)
@@ -501,22 +535,14 @@ class Engine:
         m.peak_memory_bytes = peak_memory_bytes(dev)
 
 
-    def _decode(self, tokens, input_pos, cache):
-        """One decode step: tokens, input_pos [B, 1] -> logits [B, 1, vocab]."""
-        if not (self.compiled and self.device.type == "cuda"):
-            return self.model(tokens, input_pos, cache)
-        g = self._graph
-        if g is None or g["cache"] is not cache or g["tokens"].shape != tokens.shape:
-            self._graph = None
-            g = {"cache": cache, "tokens": tokens.clone(), "pos": input_pos.clone()}
-            # Warm up (compiles) on a side stream. It writes the same keys and values the real step
-            # writes (same tokens, same positions), so the cache is unharmed.
-            g["graph"], g["logits"] = capture_cuda_graph(lambda: self.model(g["tokens"], g["pos"], cache))
-            self._graph = g
-        g["tokens"].copy_(tokens)
-        g["pos"].copy_(input_pos)
-        g["graph"].replay()
-        return g["logits"]
+    def decode_forward(self, tokens, input_pos, cache):
+        """A step of a few tokens per row at their positions over a static cache: tokens, input_pos
+        [B, T] -> logits [B, T, vocab] (T = 1 for decode; speculative verification sends k + 1).
+        Compiled on CUDA, each shape is one CUDA graph, replayed; the logits are valid until the next call."""
+        if self._graph is None or self._graph.cache is not cache:
+            self._graph = None  # free the old graphs first
+            self._graph = GraphedForward(self.model, cache, self.device, self.cuda_graphs)
+        return self._graph(tokens, input_pos)
 
 
 # ---------------------------------------------------------------- continuous batching
@@ -593,7 +619,8 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self._cancelled: list[Request] = []
         self._next_id = 0
-        self._graphs: dict[int, dict] = {}  # decode bucket -> captured CUDA graph
+        # decode steps over the pool: one CUDA graph per batch bucket when compiled on CUDA
+        self._decode = GraphedForward(engine.model, cache, engine.device, engine.cuda_graphs)
         self.num_preemptions = 0
         self.num_steps = self.num_overlapped = 0
         self.peak_used_blocks = 0
@@ -661,7 +688,7 @@ class Scheduler:
             while True:
                 cache.plan_decode([], [], bucket)
                 zeros = torch.zeros(bucket, 1, dtype=torch.long)
-                self._forward_decode(zeros, zeros, bucket)
+                self._decode(zeros, zeros)
                 if bucket >= self.max_batch:
                     break
                 bucket = min(self.max_batch, bucket * 2)
@@ -897,7 +924,7 @@ class Scheduler:
             tokens[:n, 0] = inflight["sampled"].index_select(0, rows)
         for s in seqs:
             s.num_computed += 1
-        logits = self._forward_decode(tokens, pos, bucket)[:n, 0]  # [n, vocab]
+        logits = self._decode(tokens, pos)[:n, 0]  # [n, vocab]
         return self._start_readback(seqs, self._sample(seqs, logits))
 
     def _start_readback(self, seqs, sampled) -> dict:
@@ -920,20 +947,6 @@ class Scheduler:
                 history[r, :len(s.tokens)] = torch.tensor(s.tokens)
             history = history.to(logits.device)
         return sample_each(logits, [s.request.params for s in seqs], [s.generator for s in seqs], history)
-
-    def _forward_decode(self, tokens, pos, bucket):
-        engine, dev = self.engine, self.engine.device
-        if not (engine.compiled and dev.type == "cuda"):
-            return engine.model(tokens.to(dev), pos.to(dev), self.cache)
-        g = self._graphs.get(bucket)
-        if g is None:  # capture this bucket's step once (see Engine._decode for the static cache)
-            g = {"tokens": tokens.to(dev, copy=True), "pos": pos.to(dev, copy=True)}
-            g["graph"], g["logits"] = capture_cuda_graph(lambda: engine.model(g["tokens"], g["pos"], self.cache))
-            self._graphs[bucket] = g
-        g["tokens"].copy_(tokens, non_blocking=True)
-        g["pos"].copy_(pos, non_blocking=True)
-        g["graph"].replay()
-        return g["logits"]
 
     def _prefill(self, chunks) -> dict | None:
         """Compute the chunks packed in one [1, N] forward; the sequences whose chunk reaches their

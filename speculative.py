@@ -35,11 +35,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kv import StaticKVCache
 from model import Transformer
 from sampling import SamplingParams, apply_repetition_penalty, make_generator, row_params, sample, warp_logits
-from scheduler import Metrics, Result, Sequence, drain, peak_memory_bytes
+from scheduler import GraphedForward, Metrics, Result, Sequence, drain, peak_memory_bytes
 from tokenizer import StreamDecoder
 
 
@@ -178,18 +179,35 @@ class ModelDrafter:
                              f"{engine.args.vocab_size}: a draft model must share the target's tokenizer")
         p = next(self.model.parameters())
         B = len(prompt_ids)
-        # room for the catch-up forward's padding and k draft steps past the longest row
-        self.cache = self.make_cache(B, cache_len + 64, p.device, p.dtype)
-        self.fed = [[] for _ in range(B)]  # the tokens whose keys are in the cache, per row
         self.device = p.device
+        # A compiled CUDA engine drafts with CUDA graphs too: one graph per step shape.
+        graphs = engine.cuda_graphs
+        if graphs and not self.model.compiled_decode:
+            self.model.compile_decode()
+        # room past the longest row for the catch-up forward's padding (a power of two <= 2 * (K_LIMIT + 1))
+        need = cache_len + 2 * (K_LIMIT + 1)
+        c = getattr(self, "cache", None)
+        if c is None or c.batch_size != B or c.max_seq_len < need or self.forward.use_graphs != graphs:
+            self.cache = self.forward = None  # free the old cache and its graphs first
+            self.cache = self.make_cache(B, need, p.device, p.dtype)
+            self.forward = GraphedForward(self.model, self.cache, p.device, graphs)
+        self.fed = [[] for _ in range(B)]  # the tokens whose keys are in the cache, per row
 
     def make_cache(self, batch, seq_len, device, dtype):
         return StaticKVCache(self.args, batch, seq_len, device, dtype)
 
-    def _forward(self, tokens, pos, logits_at=None, fresh=False):
+    def _logits(self, tokens, pos, last):
+        """tokens, pos [B, T], last [B]: index of each row's last real token -> its logits [B, V]."""
+        if pos is None:  # every row from position 0: a plain prefill
+            return self.model(tokens, None, self.cache, logits_at=last)[:, 0]
         if not self.model.compiled_decode:  # a compiled step wants one kv_len
             self.cache.attend_upto(int(pos.max()) + 1)
-        return self.model(tokens, None if fresh else pos, self.cache, logits_at=logits_at)
+        if self.forward.use_graphs and tokens.shape[1] > 1:  # pad to a power of two: few graphs
+            pad = (1 << (tokens.shape[1] - 1).bit_length()) - tokens.shape[1]
+            tokens = F.pad(tokens, (0, pad))
+            pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+        logits = self.forward(tokens, pos)  # [B, T, V]
+        return logits[torch.arange(len(last), device=logits.device), last]
 
     @torch.inference_mode()
     def propose(self, histories: list[list[int]], n: list[int], params: SamplingParams, generator=None):
@@ -214,8 +232,8 @@ class ModelDrafter:
         start = torch.tensor([len(f) for f in self.fed])
         pos = (start[:, None] + torch.arange(T)).to(self.device)  # padding lands past each row's end
         n_new = torch.tensor([len(t) for t in todo], device=self.device)
-        fresh = not any(self.fed)  # the first round: every row from position 0 (a plain prefill)
-        logits = self._forward(tokens.to(self.device), pos, logits_at=n_new - 1, fresh=fresh)[:, 0]  # [B, V]
+        fresh = not any(self.fed)  # the first round: every row from position 0
+        logits = self._logits(tokens.to(self.device), None if fresh else pos, n_new - 1)  # [B, V]
         for b, t in enumerate(todo):
             self.fed[b].extend(t)
 
@@ -237,7 +255,7 @@ class ModelDrafter:
                 history[rows, lengths + i] = d
             if i + 1 < steps:  # the last draft is not fed: it is verified (and fed) next round if kept
                 cur = (lengths + i)[:, None]
-                logits = self._forward(d[:, None], cur)[:, 0]
+                logits = self._logits(d[:, None], cur, rows * 0)
         drafts = torch.stack(drafts, dim=1).tolist()  # [B, steps]
         for b in range(B):
             self.fed[b].extend(drafts[b][: steps - 1])
@@ -349,7 +367,7 @@ class SpecStats:
                 f"{self.round_ms:.1f} ms/round (draft {self.draft_s:.2f} s, verify {self.verify_s:.2f} s)")
 
 
-K_LIMIT = 64  # most drafts per round (a compiled engine's cache is sized for it)
+K_LIMIT = 64  # most drafts per round
 
 
 def check_k(k, k_max):
@@ -396,12 +414,13 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
     lens = [len(s.prompt_ids) for s in seqs]
     longest, max_new = engine.fit(lens, params.max_new_tokens)
     dev = engine.device
-    # Verify forwards write up to k_max + 1 slots past a row's length (padding included): room for them.
-    # A compiled engine's one-token block (rounds without drafts) wants static shapes: one cache size
-    # and the full kv_len whatever k_max is. Forwards of several tokens run eager either way.
+    # The engine's own cache and step: verification is a decode step of k + 1 tokens per row. Real
+    # drafts never pass a row's max_new, so they fit; on a compiled CUDA engine each verify shape is a
+    # CUDA graph, and the drafts are padded to a power of two (few shapes) where the cache has room.
     compiled = engine.compiled
-    cache_len = engine.max_seq_len + K_LIMIT + 1 if compiled else longest + max_new + k_max + 1
-    cache = StaticKVCache(engine.args, B, cache_len, dev, engine.dtype)
+    graphs = engine.cuda_graphs
+    cache = engine._cache_for(B, longest + max_new)
+    cache_len = cache.max_seq_len
     generator = make_generator(params.seed, dev)
     histories = [list(s.prompt_ids) for s in seqs]  # prompt + output so far (EOS included), per row
     drafter.start(engine, histories, cache_len)
@@ -453,18 +472,20 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
         t_draft = time.perf_counter()
 
         # verify: [last, d1..dD] per row at its own positions, in one target forward
+        if graphs and D > 0 and max(map(len, histories)) + (1 << (D - 1).bit_length()) <= cache_len:
+            D = 1 << (D - 1).bit_length()  # padding drafts: past n[b], never accepted
+            q = F.pad(q, (0, 0, 0, D - q.shape[1])) if q is not None else None
         T = D + 1
-        draft_t = torch.zeros(B, D, dtype=torch.long)
-        for b, d in enumerate(drafts):
-            draft_t[b, : len(d)] = torch.tensor(d, dtype=torch.long)
-        draft_t = draft_t.to(dev)
-        last = torch.tensor([h[-1] for h in histories], device=dev)
-        tokens = torch.cat([last[:, None], draft_t], dim=1)  # [B, T]
-        start = torch.tensor([len(h) - 1 for h in histories], device=dev)
-        pos = start[:, None] + torch.arange(T, device=dev)  # [B, T]
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        for b, (h, d) in enumerate(zip(histories, drafts)):
+            tokens[b, : len(d) + 1] = torch.tensor(h[-1:] + d, dtype=torch.long)
+        start = torch.tensor([len(h) - 1 for h in histories])
+        pos = start[:, None] + torch.arange(T)  # [B, T]
+        tokens, pos = tokens.to(dev), pos.to(dev)
+        draft_t = tokens[:, 1:]  # [B, D]
         if not compiled:
             cache.attend_upto(int(pos.max()) + 1)
-        logits = engine.model(tokens, pos, cache)  # [B, T, V]
+        logits = engine.decode_forward(tokens, pos, cache)  # [B, T, V]
         m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
         hist = histories_with_drafts(history_tensor(histories, dev), draft_t) if penalty else None
         x = processed_logits(logits.reshape(B * T, -1), params, hist).view(B, T, -1)
@@ -544,8 +565,9 @@ def bench_speculative(engine, drafter, prompts=None, k: int = 8, adaptive: bool 
     prompts = prompts or [EDIT_TASK]
     params = SamplingParams(max_new_tokens=new_tokens)
     ids = [engine.encode(p, chat) for p in prompts]
-    engine.generate(ids, SamplingParams(max_new_tokens=4))  # warm-up
-    speculative_generate(engine, ids, SamplingParams(max_new_tokens=4), drafter, k=k, adaptive=adaptive, k_max=k_max)
+    # warm-up at full length: every step shape the timed runs meet is compiled (and captured) here
+    engine.generate(ids, params)
+    speculative_generate(engine, ids, params, drafter, k=k, adaptive=adaptive, k_max=k_max)
     base_runs, spec_runs = [], []
     for _ in range(repeats):
         results, wall = _timed(lambda: engine.generate(ids, params))
@@ -566,6 +588,12 @@ def bench_speculative(engine, drafter, prompts=None, k: int = 8, adaptive: bool 
         "target_decode_tok_per_s": base[1], "spec_decode_tok_per_s": spec[1],
         "acceptance_rate": stats.acceptance_rate, "mean_accepted_len": stats.mean_accepted_len,
         "rounds": stats.rounds, "round_ms": stats.round_ms, "mean_k": stats.as_dict()["mean_k"],
+        "draft_ms_per_round": 1000 * stats.draft_s / max(stats.rounds, 1),
+        "verify_ms_per_round": 1000 * stats.verify_s / max(stats.rounds, 1),
+        # what a round costs against one target-only decode step (a round that rejects everything
+        # yields one token, so this is the slowdown at zero acceptance)
+        "target_step_ms": 1000 / base[1] if base[1] else None,
+        "round_vs_target_step": stats.round_ms * base[1] / 1000 if base[1] else None,
         "draft_s": stats.draft_s, "verify_s": stats.verify_s, "threads": torch.get_num_threads(),
     }
     if hf_reference and len(ids) == 1:

@@ -96,6 +96,39 @@ def test_eos_stop_and_max_new_tokens_like_engine(engine, prompt_ids):
     assert len(got.token_ids) == 5 and got.finish_reason == "length"
 
 
+def test_replayed_padded_steps_match_the_plain_path(monkeypatch):
+    """The CUDA-graph path (compiled engine on CUDA) simulated on CPU: every step shape is "captured"
+    once and replayed into the same output buffer, and verify/catch-up forwards are padded to powers
+    of two. Greedy output must equal target-only greedy of the plain engine."""
+    import scheduler
+
+    captured = []
+
+    def fake_capture(step):  # a "graph" that re-runs the step into the captured output tensor
+        out = step()
+        captured.append(tuple(out.shape[:2]))
+
+        class Replay:
+            def replay(self):
+                out.copy_(step())
+        return Replay(), out
+
+    target = tiny_model(40, seed=0)
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9]]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    want = [r.token_ids for r in Engine(target, None, torch.device("cpu"), torch.float32).generate(prompts, params)]
+    monkeypatch.setattr(scheduler, "capture_cuda_graph", fake_capture)
+    monkeypatch.setattr(Engine, "cuda_graphs", property(lambda self: True))
+    engine = Engine(target, None, torch.device("cpu"), torch.float32)
+    assert [r.token_ids for r in engine.generate(prompts, params)] == want
+    for drafter, k in ((PromptLookupDrafter(), 3), (ModelDrafter(tiny_model(40, seed=3)), 3)):
+        captured.clear()
+        results, stats = speculative_generate(engine, prompts, params, drafter, k=k, adaptive=False)
+        assert [r.token_ids for r in results] == want, drafter.name
+        assert stats.drafted > 0
+        assert all(t & (t - 1) == 0 or t - 1 & (t - 2) == 0 for _, t in captured), captured  # T = 2^i or 2^i + 1
+
+
 # ---------------------------------------------------------------- KV rollback
 
 def test_kv_rollback_is_as_if_rejected_tokens_were_never_seen():
