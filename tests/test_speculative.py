@@ -235,11 +235,11 @@ def test_sampled_tokens_follow_the_target_distribution(params, drafter):
 
 
 def test_greedy_acceptance_rule():
-    target = torch.tensor([[5, 6, 7, 8], [5, 9, 7, 8], [1, 2, 3, 4]])
-    drafts = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 2, 0]])
-    accepted, nxt = accept_greedy(target, drafts, torch.tensor([3, 3, 2]))
-    assert accepted.tolist() == [3, 1, 2]  # all (bonus 8); first only (correction 9); both of its 2 drafts
-    assert nxt.tolist() == [8, 9, 3]
+    target = [[5, 6, 7, 8], [5, 9, 7, 8], [1, 2, 3, 4], [4, 4, 4, 4]]
+    drafts = [[5, 6, 7], [5, 6, 7], [1, 2], []]  # rows 2 and 3: fewer drafts than the padded verify
+    accepted, nxt = accept_greedy(target, drafts)
+    assert accepted == [3, 1, 2, 0]  # all (bonus 8); first only (correction 9); both of its 2 drafts; none
+    assert nxt == [8, 9, 3, 4]
 
 
 def test_adaptive_k_grows_on_full_acceptance_and_shrinks_on_low():
