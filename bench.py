@@ -434,6 +434,190 @@ def bench_prefix(opts) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- decode GEMVs (gemv.py) in isolation
+
+GEMV_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+               "lm_head": (128256, 4096)}  # llama-3-8b (N, K); the first four once in each of its 32 layers
+GEMV_LAYERS = 32
+GEMV_MODEL = {  # whole-model variant -> (kernel of the layers, kernel of lm_head; int8 in every quantize mode)
+    "bf16 cublas": ("bf16 cublas", "bf16 cublas"), "bf16 triton": ("bf16 triton", "bf16 triton"),
+    "int8 today": ("int8 dequant+cublas", "int8 dequant+cublas"), "int8 triton": ("int8 triton", "int8 triton"),
+    "int4 today": ("int4 tinygemm", "int8 dequant+cublas"), "int4 triton": ("int4 triton", "int8 triton")}
+
+
+def gemv_cases(N, K, M, group_size, device, min_bytes, ref_rows=2048):
+    """One decode shape: x [M, K] and, per kernel, (name, call(i) -> y [M, N] on weight copy i, bytes of
+    weights and scales one call reads, number of copies, reference fp32 [M, ref_rows] of copy 0's first
+    rows). Each kernel cycles through copies that together hold >= min_bytes, so L2 cannot serve a weight
+    the second time round. Random weights; the int4 kernels read the same codes, scales and zeros."""
+    import torch.nn.functional as F
+
+    import gemv
+    from quantize import _inner_k_tiles
+
+    g = torch.Generator(device=device).manual_seed(N + K)
+    x = torch.randn(M, K, device=device, generator=g).to(torch.bfloat16)
+    R = min(N, ref_rows)
+
+    def n_copies(nbytes):
+        return max(1, -(-min_bytes // nbytes))
+
+    cases = []
+    n = n_copies(N * K * 2)
+    w = [(torch.randn(N, K, device=device, generator=g) * 0.02).to(torch.bfloat16) for _ in range(n)]
+    ref = x.float() @ w[0][:R].float().t()
+    cases.append(("bf16 cublas", lambda i: F.linear(x, w[i]), N * K * 2, n, ref))
+    cases.append(("bf16 triton", lambda i: gemv.bf16_linear(x, w[i]), N * K * 2, n, ref))
+
+    n8 = n_copies(N * K)
+    q8 = [torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=g) for _ in range(n8)]
+    s8 = [(torch.rand(N, device=device, generator=g) * 2e-4 + 1e-4).to(torch.bfloat16) for _ in range(n8)]
+    ref8 = x.float() @ (q8[0][:R].float() * s8[0][:R].float()[:, None]).t()
+    bytes8 = N * K + 2 * N
+    cases.append(("int8 dequant+cublas", lambda i: F.linear(x, q8[i].to(torch.bfloat16)) * s8[i], bytes8, n8, ref8))
+    cases.append(("int8 triton", lambda i: gemv.int8_linear(x, q8[i], s8[i]), bytes8, n8, ref8))
+
+    G = group_size
+    bytes4 = N * K // 2 + N * (K // G) * 4
+    n4 = n_copies(bytes4)
+    packed = [torch.randint(0, 256, (N, K // 2), device=device, dtype=torch.uint8, generator=g) for _ in range(n4)]
+    sz = [torch.stack([torch.rand(N, K // G, device=device, generator=g) * 2e-3 + 1e-3,
+                       torch.randn(N, K // G, device=device, generator=g) * 1e-2], dim=-1).to(torch.bfloat16)
+          for _ in range(n4)]
+    if device.type == "cuda":  # tinygemm: the same codes, element 2i in the high nibble (quantize.pack_int4)
+        tiny = [torch.ops.aten._convert_weight_to_int4pack(((p & 0x0F) << 4) | (p >> 4), _inner_k_tiles(K))
+                for p in packed]
+        sz_t = [s.transpose(0, 1).contiguous() for s in sz]  # [K/G, N, 2]
+    p0 = packed[0][:R]
+    codes = torch.stack([p0 & 0x0F, p0 >> 4], dim=-1).reshape(R, K).float()
+    w4 = (codes.reshape(R, K // G, G) - 8) * sz[0][:R, :, :1].float() + sz[0][:R, :, 1:].float()
+    ref4 = x.float() @ w4.reshape(R, K).t()
+    if device.type == "cuda":  # (the CPU kernel wants another packing; CPU runs are smoke tests)
+        cases.append(("int4 tinygemm", lambda i: torch.ops.aten._weight_int4pack_mm(x, tiny[i], G, sz_t[i]),
+                      bytes4, n4, ref4))
+    cases.append(("int4 triton", lambda i: gemv.int4_linear(x, packed[i], sz[i], G), bytes4, n4, ref4))
+    return cases
+
+
+def time_per_call(call, copies: int, bytes_per_call: int) -> float:
+    """Microseconds per call, from a CUDA graph of many calls cycling through the weight copies (launches
+    back to back as in a captured decode step, no host overhead), best of 3 replays. The first calls
+    (eager, then on a side stream) compile, tune gemv's configs and warm cuBLAS before capture.
+    On CPU (a smoke test under TRITON_INTERPRET=1) it times one eager call."""
+    if not torch.cuda.is_available():
+        call(0)
+        t = time.perf_counter()
+        call(0)
+        return (time.perf_counter() - t) * 1e6
+    calls = min(400, max(20, -(-4_000_000_000 // bytes_per_call)))
+    calls = -(-calls // copies) * copies
+    for i in range(copies):
+        call(i)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2):
+            call(i % copies)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i % copies)
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return best
+
+
+def bench_gemv(opts) -> list[dict]:
+    """llama-3-8b decode GEMVs, one kernel at a time: cuBLAS bf16, gemv.py's bf16/int8/int4 Triton kernels,
+    today's int8 (bf16 copy + cuBLAS) and int4 (tinygemm). GB/s of weight and scale bytes read beside the
+    copy bandwidth of the same run; then the per-token sum over 32 layers + lm_head per variant."""
+    import os
+
+    import gemv
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("bench.py gemv needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if not gemv.available(device):
+        raise ValueError("bench.py gemv needs triton (pip install triton)")
+    shapes = opts.shapes.split(",")
+    unknown = [s for s in shapes if s not in GEMV_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shape(s) {', '.join(unknown)} (choose from {', '.join(GEMV_SHAPES)})")
+    copy_gb_s = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    rows, times = [], {}
+    for M in [int(m) for m in opts.batch_sizes.split(",")]:
+        for shape in shapes:
+            N, K = GEMV_SHAPES[shape]
+            cases = gemv_cases(N, K, M, opts.group_size, device, opts.min_mb << 20)
+            for kernel, call, nbytes, copies, ref in cases:
+                err = ((call(0)[:, :ref.shape[1]].float() - ref).abs().max() / ref.abs().max()).item()
+                us = time_per_call(call, copies, nbytes)
+                times[M, shape, kernel] = us
+                op = {"bf16 triton": "bf16", "int8 triton": "int8", "int4 triton": "int4"}.get(kernel)
+                cfg = gemv.config_for(op, M, N, K, opts.group_size if op == "int4" else 0, device) if op else None
+                rows.append({"bench": "gemv", "device": name, "shape": shape, "N": N, "K": K, "M": M,
+                             "kernel": kernel, "group_size": opts.group_size if kernel.startswith("int4") else None,
+                             "us": us, "gb_per_s": nbytes / us / 1e3, "copy_gb_per_s": copy_gb_s,
+                             "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": err,
+                             "config": str(cfg) if cfg else None, "weight_copies": copies})
+            del cases
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if set(GEMV_SHAPES) <= set(shapes):
+            base = None
+            for variant, (body, head) in GEMV_MODEL.items():
+                if (M, "lm_head", body) not in times or (M, "lm_head", head) not in times:
+                    continue
+                layers = sum(times[M, s, body] for s in ("qkv", "o", "gate_up", "down"))
+                us = GEMV_LAYERS * layers + times[M, "lm_head", head]
+                base = base or us
+                rows.append({"bench": "gemv_model", "device": name, "M": M, "variant": variant, "layer_kernel": body,
+                             "lm_head_kernel": head, "gemv_us_per_step": us, "tok_per_s": M / us * 1e6,
+                             "speedup_vs_bf16_cublas": base / us})
+    for (op, M, N, K, gs, _), (cfg, timed) in sorted(gemv.tuning_log().items(), key=lambda kv: str(kv[0])):
+        if timed:
+            rows.append({"bench": "gemv_tune", "op": op, "M": M, "N": N, "K": K, "group_size": gs or None,
+                         "best": str(cfg),
+                         "us": {str(c): round(ms * 1e3, 2) for c, ms in sorted(timed.items(), key=lambda t: t[1])}})
+    return rows
+
+
+def format_gemv(rows) -> str:
+    lines = [f"{'shape':<8} {'M':>2} {'kernel':<20} {'us':>8} {'GB/s':>7} {'of copy':>7} {'max err':>8}  config"]
+    for r in rows:
+        if r["bench"] == "gemv":
+            lines.append(f"{r['shape']:<8} {r['M']:>2} {r['kernel']:<20} {r['us']:8.2f} {r['gb_per_s']:7.0f} "
+                         f"{r['bw_fraction']:7.2f} {r['max_rel_err']:8.1e}  {r['config'] or ''}")
+    copy = next((r["copy_gb_per_s"] for r in rows if r["bench"] == "gemv"), 0)
+    lines.append(f"copy bandwidth (read + write) {copy:.0f} GB/s; GB/s counts weight and scale bytes read")
+    model = [r for r in rows if r["bench"] == "gemv_model"]
+    if model:
+        lines.append(f"\nllama-3-8b, {GEMV_LAYERS} layers + lm_head (lm_head int8 in int8/int4 variants), GEMVs only:")
+        lines.append(f"{'M':>2} {'variant':<12} {'us/step':>8} {'tok/s':>8} {'vs bf16 cublas':>15}")
+        for r in model:
+            lines.append(f"{r['M']:>2} {r['variant']:<12} {r['gemv_us_per_step']:8.0f} {r['tok_per_s']:8.0f} "
+                         f"{r['speedup_vs_bf16_cublas']:14.2f}x")
+    tune = [r for r in rows if r["bench"] == "gemv_tune"]
+    if tune:
+        lines.append("\ngemv configs timed at first call (us, L2 flushed), fastest first:")
+        for r in tune:
+            timed = ", ".join(f"{c} {t}" for c, t in r["us"].items())
+            lines.append(f"{r['op']} M={r['M']} N={r['N']} K={r['K']}: {timed}")
+    return "\n".join(lines)
+
+
 def print_row(row, as_json):
     if as_json:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -520,6 +704,12 @@ def main(argv=None):
         if cmd == "prefix":
             c.add_argument("--prefix-len", type=int, default=1000)
             c.add_argument("--suffix-len", type=int, default=32)
+    v = sub.add_parser("gemv", help="decode GEMV kernels (cuBLAS, gemv.py, tinygemm) on llama-3-8b shapes (CUDA)")
+    v.add_argument("--batch-sizes", default="1,8", help="rows of x (M) to time")
+    v.add_argument("--shapes", default=",".join(GEMV_SHAPES), help="subset of qkv,o,gate_up,down,lm_head")
+    v.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    v.add_argument("--min-mb", type=int, default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
+    v.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     try:
         if opts.bench == "decode":
@@ -544,6 +734,13 @@ def main(argv=None):
         elif opts.bench == "prefix":
             for row in bench_prefix(opts):
                 print_row(row, opts.json)
+        elif opts.bench == "gemv":
+            rows = bench_gemv(opts)
+            if opts.json:
+                for row in rows:
+                    print_row(row, True)
+            else:
+                print(format_gemv(rows))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

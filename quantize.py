@@ -7,17 +7,24 @@
     model, args, info = quantized_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # Q4_0/Q4_1/Q8_0 kept packed
     rows = quality_table()                                                        # perplexity per variant
 
-Layouts (the kernels are PyTorch's own, CPU and CUDA):
+Layouts and kernels:
   Int8Linear  weight int8 [N, K], scales [N]: w = q * scale (symmetric, per output channel).
-              CPU: aten._weight_int8pack_mm. CUDA: F.linear(x, w.to(x.dtype)) * scale until our GEMV lands.
+              CPU: aten._weight_int8pack_mm. CUDA: gemv.int8_linear (Triton kernels reading the int8 weight
+              once for up to 64 rows, F.linear on a bf16 copy for more), or without Triton
+              F.linear(x, w.to(x.dtype)) * scale.
   Int4Linear  codes q in 0..15, per group of G input columns a scale and a zero: w = (q - 8) * scale + zero
-              (asymmetric; zero = min + 8 * scale). scales_and_zeros [K/G, N, 2], weight packed by
-              aten._convert_weight_to_int4pack(_for_cpu) for aten._weight_int4pack_mm(_for_cpu).
-Both kernels run with bf16 activations (and bf16 scales): on CPU their fp32 paths are 4-10x slower, on CUDA
+              (asymmetric; zero = min + 8 * scale). Three layouts (self.layout), chosen by device:
+              "gemv" (CUDA with Triton): weight = pack_nibbles(q) [N, K/2], scales_and_zeros [N, K/G, 2],
+                read by gemv.int4_linear;
+              "tinygemm" (CUDA without Triton) and "cpu": weight packed by aten._convert_weight_to_int4pack
+                (_for_cpu) for aten._weight_int4pack_mm(_for_cpu), scales_and_zeros [K/G, N, 2].
+FLINT_GEMV=0 in the environment turns gemv off (the layouts and kernels used before it).
+All kernels run with bf16 activations (and bf16 scales): on CPU the fp32 paths are 4-10x slower, on CUDA
 tinygemm only takes bf16. The output is cast back to the input's dtype, so an fp32 model stays fp32 elsewhere.
 The int4 packing is device-specific, so checkpoints store a portable layout (codes two per byte, low nibble
-first) and the loader packs for its device. lm_head (tied or not) is int8 in every mode unless head= says
-otherwise: it is the biggest matrix of a small model and the one most sensitive to rounding.
+first; scales_and_zeros [K/G, N, 2]) and the loader packs for its device. lm_head (tied or not) is int8 in
+every mode unless head= says otherwise: it is the biggest matrix of a small model and the one most sensitive
+to rounding.
 """
 import argparse
 import copy
@@ -32,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gemv
 from model import ModelArgs, Transformer, rope_cos_sin, rope_inv_freq
 
 MODES = ("int8", "int4", "int4-gptq", "int4-awq")
@@ -121,6 +129,13 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- modules
 
+def use_gemv(device) -> bool:
+    """Whether quantized linears on device run gemv.py's Triton kernels: CUDA with Triton, unless FLINT_GEMV=0.
+    Decided when a module is built (its forward stays free of checks that torch.compile would have to trace)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return device.type == "cuda" and os.environ.get("FLINT_GEMV", "1") != "0" and gemv.available(device)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b, with q int8 [N, K] and one scale per output channel."""
 
@@ -130,6 +145,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.gemv = use_gemv(device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -150,9 +166,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.device.type == "cuda":
-            # ---- GPU GEMV goes here (issue 4): a Triton split-K kernel reading int8 weights once. For now the
-            # dequantize-then-matmul that gpt-fast uses (bandwidth-bound only when compiled into one kernel).
+        if self.gemv:
+            y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales)
+        elif x.device.type == "cuda":  # without Triton: dequantize, then cuBLAS
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales)
@@ -185,9 +201,13 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = math.ceil(in_features / group_size) * group_size
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.layout = "gemv" if use_gemv(dev) else "tinygemm" if dev.type == "cuda" else "cpu"
+        n_groups = self.k_padded // group_size
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))  # set by set_codes
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(self.k_padded // group_size, out_features, 2, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(
+            (out_features, n_groups, 2) if self.layout == "gemv" else (n_groups, out_features, 2),
+            dtype=SCALE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -209,19 +229,26 @@ class Int4Linear(nn.Module):
 
     def set_codes(self, q, scales, zeros):
         dev = self.scales_and_zeros.device
-        self.weight = pack_int4(q.to(dev), dev)
-        sz = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1)  # [N, K/G, 2] -> [K/G, N, 2]
+        sz = torch.stack([scales.float(), zeros.float()], dim=-1)  # [N, K/G, 2]
+        if self.layout == "gemv":
+            self.weight = pack_nibbles(q.to(dev)).contiguous()
+        else:
+            self.weight = pack_int4(q.to(dev), dev)
+            sz = sz.transpose(0, 1)  # [K/G, N, 2]
         self.scales_and_zeros = sz.to(device=dev, dtype=SCALE_DTYPE).contiguous()
 
     def _mm(self, x2, scales_and_zeros):
-        if x2.device.type == "cuda":
-            # ---- GPU GEMV goes here (issue 4): tinygemm moves ~0.38 of copy bandwidth at batch 1.
+        if self.layout == "gemv":
+            return torch.ops.flint.int4_linear(x2, self.weight, scales_and_zeros, self.group_size)
+        if x2.device.type == "cuda":  # tinygemm: ~0.38 of copy bandwidth at batch 1
             return torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, scales_and_zeros)
 
     def codes(self) -> torch.Tensor:
-        """The int32 codes [N, K_padded], read back through the kernel itself: with scale 1 and zero 8 it
-        computes x @ q^T, so x = identity rows give q exactly (the packed layouts are the kernels' business)."""
+        """The int32 codes [N, K_padded]. Packed for aten's kernels they are read back through the kernel
+        itself: with scale 1 and zero 8 it computes x @ q^T, so x = identity rows give q exactly."""
+        if self.layout == "gemv":
+            return unpack_nibbles(self.weight)
         ones = torch.empty_like(self.scales_and_zeros)
         ones[..., 0], ones[..., 1] = 1, 8
         eye = torch.eye(self.k_padded, dtype=SCALE_DTYPE, device=self.weight.device)
@@ -230,7 +257,8 @@ class Int4Linear(nn.Module):
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (scales, zeros), each [N, K_padded // G]."""
-        sz = self.scales_and_zeros.float().transpose(0, 1)
+        sz = self.scales_and_zeros.float()
+        sz = sz if self.layout == "gemv" else sz.transpose(0, 1)
         return sz[..., 0], sz[..., 1]
 
     def dequantize(self) -> torch.Tensor:
@@ -247,7 +275,8 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-                f"{f', k_padded={self.k_padded}' if self.k_padded != self.in_features else ''}, bias={self.bias is not None}")
+                f"{f', k_padded={self.k_padded}' if self.k_padded != self.in_features else ''}, "
+                f"bias={self.bias is not None}, layout={self.layout}")
 
 
 def _pad_columns(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -553,7 +582,7 @@ def quantized_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             out[f"{name}.weight"], out[f"{name}.scales"] = m.weight, m.scales
         else:
             out[f"{name}.qweight"] = pack_nibbles(m.codes())
-            out[f"{name}.scales_and_zeros"] = m.scales_and_zeros
+            out[f"{name}.scales_and_zeros"] = torch.stack(m.scales_zeros(), dim=-1).transpose(0, 1).to(SCALE_DTYPE)
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias
     for name, t in model.state_dict().items():
@@ -735,8 +764,8 @@ def quality_table(source=None, group_sizes=GROUP_SIZES, window: int = 1024, n_to
     """Perplexity of the model (default: the embedded SmolLM2-135M-Instruct, dequantized to fp32) on the held-out
     text for fp32, bf16, int8 and int4 RTN / GPTQ / AWQ at each group size. One dict per row: variant, group_size,
     ppl, delta_vs_bf16_pct, weight_mb, seconds (to quantize), tokens. Group sizes that do not divide a layer's
-    width are run with zero padding (noted in the row). On CUDA the int4 rows use tinygemm instead of the CPU
-    kernel: same weights, same bf16 activations, different summation order."""
+    width are run with zero padding (noted in the row). On CUDA the int4 rows use gemv.py (tinygemm without
+    Triton) instead of the CPU kernel: same weights, same bf16 activations, different summation order."""
     import weights
     from tokenizer import load_tokenizer
 

@@ -1,0 +1,485 @@
+"""Triton GEMV kernels for decode: y = x @ W^T with few rows of x (M <= 64), weights read once from memory.
+
+    y = int8_linear(x2, w, scales)                       # x2 bf16 [M, K], w int8 [N, K], scales bf16 [N]
+    y = int4_linear(x2, packed, scales_zeros, group)     # packed uint8 [N, K/2], scales_zeros bf16 [N, K/G, 2]
+    y = bf16_linear(x2, w)                               # w bf16 [N, K]
+    if gemv.available(x2): ...                           # a CUDA tensor (or device) and Triton importable
+
+Each is a torch custom op (torch.ops.flint.*): torch.compile(fullgraph=True) sees one opaque call and a CUDA
+graph captures its launch. They return bf16 [M, N] with fp32 accumulation.
+
+Why: at batch 1 a linear layer is a matrix-vector product, bound by the bytes of W it reads (H200: ~4.2 TB/s
+copy bandwidth). cuBLAS gets close for bf16, but the quantized paths did not: int8 ran F.linear on a bf16 copy
+of W, and tinygemm (aten._weight_int4pack_mm) reaches ~0.38 of copy bandwidth. Here every program owns
+BLOCK_N rows of W, walks K in tiles of BLOCK_K columns, and dequantizes in registers.
+
+Layouts (as quantize.py stores them, nothing repacked):
+  int8   w int8 [N, K] row-major, w_real = q * scale[n].
+  int4   packed uint8 [N, K/2], quantize.pack_nibbles: code 2i in the low nibble of byte i, 2i+1 in the high
+         one; scales_zeros bf16 [N, K/G, 2] = (scale, zero) per row and group; w_real = (q - 8) * scale + zero.
+         The kernel reads packed as int32 words [N, K/8] (code 8w+j in bits 4j..4j+3, little-endian) and
+         scales_zeros as int32 [N, K/G] (scale in the low half, zero in the high half: one load for both).
+
+Dequantizing without int->float conversion instructions (16 per clock per SM on sm_80/sm_90, an eighth of
+the FP32 FMA rate, too slow for the 18-36 weights per clock per SM that 4.2 TB/s over 132 SMs brings): OR-ing
+a small integer into the mantissa of a float constant gives that float plus the integer, exactly.
+  int8   (q + 0x4B000080) as fp32 bits = 2^23 + 128 + q, minus (2^23 + 128) = q.
+  int4   nibble shifted to bits 16..19, | 0x43000000 = 128 + q (fp32). Per group g of G columns
+         sum_k w_k x_k = s * sum_k (128 + q_k) x_k + (z - 136 s) * sum_k x_k, so per weight the work is a
+         shift, an AND/OR and one FMA; scales apply once per group. (128 loses ~5 of fp32's 24 bits to the
+         cancellation; the output is bf16, 8 bits.)
+
+Kernels (a config names one; the first call for a shape times the candidates, see _pick):
+  fma    one program = one row m of x and BLOCK_N rows of W (grid M * N/BLOCK_N, programs of one weight
+         tile adjacent so that rows m > 0 find it in L2). Products in fp32 FMAs, summed at the end (bf16,
+         int8) or per group (int4). For M = 1 (and a few rows).
+  dot    one program = all M rows (padded to a power of two >= 16) and BLOCK_N rows of W, tensor cores via
+         tl.dot: reads W once for any M. The int4 one takes a group per step, even and odd columns of x
+         against the low and high nibbles (two dots, no interleave), bf16 128 + q as the weights.
+Rows of W past N are clamped to N - 1 (loads stay in bounds, the store is masked), so N need not divide by
+BLOCK_N; K need not divide by BLOCK_K (masked tail; int4 needs K % G == 0, as Int4Linear pads). No split-K:
+llama-3-8b's smallest N (4096) gives 256-512 programs (BLOCK_N 16-8) for 132 SMs already.
+Compiled for sm_90 (Triton 3.7-3.9) the fma loops issue ~3.5 (bf16), ~4.8 (int8), ~4.3-5.9 (int4)
+instructions per weight against 128 per clock per SM: bf16 and int8 stay memory-bound, int4 is near the
+issue limit at full bandwidth.
+
+Candidates: M = 1 the fma configs (and one dot), 2..4 rows both, 5..16 dot, 17..64 (continuous batching's
+decode batches) dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear,
+which is also what every M > 64 (prefill, compute-bound) gets. Without Triton (or on CPU without the
+interpreter) the ops compute the same thing with torch. The first call for a (shape, row bucket) times the
+candidates on the GPU (a few seconds per model at warm-up, compiles included); FLINT_GEMV_TUNE=0 takes the
+first candidate untimed. tuning_log() tells what was chosen and measured.
+"""
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+MAX_M = 64  # rows the kernels take (17..64: decode batches, dot kernels timed against dequantize + F.linear)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available(x) -> bool:
+    """Whether the Triton kernels run on the device of x (a tensor or a device): CUDA (or any device under
+    the interpreter, for tests) and triton imports."""
+    device = x.device if isinstance(x, torch.Tensor) else torch.device(x)
+    return (device.type == "cuda" or _interpret()) and _have_triton()
+
+
+# ---------------------------------------------------------------- kernels (built on first use)
+
+@functools.cache
+def _kernels():
+    """The @triton.jit functions. Built lazily: importing gemv needs no Triton, and a test can set
+    TRITON_INTERPRET=1 before this runs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   STAGES: tl.constexpr):
+        # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program
+        pid = tl.program_id(0)
+        m = pid % M
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        rn_in = tl.minimum(rn, N - 1)
+        rk = tl.arange(0, BLOCK_K)                                             # [BK]
+        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]          # [BN, BK]
+        # x as a [BN, BK] tile whose rows are all x[m]: it gets w's register layout, so no shuffles; the
+        # compiler loads each element once per thread
+        x_off = 0 * rn_in[:, None] + rk[None, :]                               # [BN, BK]
+        x_row = x_ptr + m * stride_xm
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            if EVEN_K:
+                w = tl.load(w_ptr + k0 + w_off)
+                x = tl.load(x_row + k0 + x_off)
+            else:
+                in_k = rk[None, :] < K - k0
+                w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
+                x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
+            if QUANT:  # int8 -> fp32 exactly: bits of 2^23 + 128 + q, minus 2^23 + 128
+                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        y = tl.sum(acc, axis=1)                                                # [BN]
+        if QUANT:
+            y *= tl.load(s_ptr + rn_in).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+    @triton.jit
+    def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+        # y^T [BN, BM] = w [BN, BK] @ x^T [BK, BM] on tensor cores; w is the left operand (K-contiguous rows)
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = tl.minimum(rn, N - 1)
+        rm = tl.arange(0, BLOCK_M)
+        rm_in = tl.minimum(rm, M - 1)  # padding rows repeat row M - 1; their results are not stored
+        rk = tl.arange(0, BLOCK_K)
+        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]           # [BN, BK]
+        x_off = rm_in[:, None] * stride_xm + rk[None, :]                         # [BM, BK]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            if EVEN_K:
+                w = tl.load(w_ptr + k0 + w_off)
+                x = tl.load(x_ptr + k0 + x_off)
+            else:
+                in_k = rk[None, :] < K - k0
+                w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
+                x = tl.load(x_ptr + k0 + x_off, mask=in_k, other=0.0)
+            acc = tl.dot(w.to(tl.bfloat16), tl.trans(x), acc)  # int8 -> bf16 is exact
+        if QUANT:
+            acc *= tl.load(s_ptr + rn_in).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+    @triton.jit
+    def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
+                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                        STAGES: tl.constexpr):
+        # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
+        # A step is a [BN, NG groups, WG words per group] tile; one row m of x per program.
+        NG: tl.constexpr = BLOCK_K // GROUP
+        WG: tl.constexpr = GROUP // 8
+        pid = tl.program_id(0)
+        m = pid % M
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = tl.minimum(rn, N - 1)
+        rg = tl.arange(0, NG)
+        word = rg[None, :, None] * WG + tl.arange(0, WG)[None, None, :]          # [1, NG, WG]
+        p_off = rn_in[:, None, None].to(tl.int64) * stride_pn + word             # [BN, NG, WG]
+        x_off = 0 * rn_in[:, None, None] + 8 * word                              # [BN, NG, WG]: x[8w]
+        sz_off = rn_in[:, None].to(tl.int64) * stride_szn + rg[None, :]          # [BN, NG]
+        x_row = x_ptr + m * stride_xm
+        n_groups = K // GROUP
+        acc = tl.zeros((BLOCK_N, NG), tl.float32)
+        for g0 in tl.range(0, n_groups, NG, num_stages=STAGES):
+            if EVEN_K:
+                words = tl.load(p_ptr + g0 * WG + p_off)
+                sz = tl.load(sz_ptr + g0 + sz_off)
+            else:
+                in_g = (g0 + rg) < n_groups
+                words = tl.load(p_ptr + g0 * WG + p_off, mask=in_g[None, :, None], other=0)
+                sz = tl.load(sz_ptr + g0 + sz_off, mask=in_g[None, :], other=0)
+            x_k = x_row + g0 * GROUP
+            qx = tl.zeros((BLOCK_N, NG, WG), tl.float32)  # per word: sum of its 8 (128 + q) x
+            xs = tl.zeros((BLOCK_N, NG, WG), tl.float32)  # per word: sum of its 8 x (the same for every row)
+            for j in tl.static_range(8):
+                if EVEN_K:
+                    x = tl.load(x_k + x_off + j).to(tl.float32)
+                else:
+                    x = tl.load(x_k + x_off + j, mask=in_g[None, :, None], other=0.0).to(tl.float32)
+                if j < 4:
+                    nib = (words << (16 - 4 * j)) & 0x000F0000
+                else:
+                    nib = (words >> (4 * j - 16)) & 0x000F0000
+                qx += (nib | 0x43000000).to(tl.float32, bitcast=True) * x          # (128 + q) * x
+                xs += x
+            s = (sz << 16).to(tl.float32, bitcast=True)                              # [BN, NG]
+            z = (sz & -65536).to(tl.float32, bitcast=True)
+            acc += s * tl.sum(qx, axis=2) + (z - 136.0 * s) * tl.sum(xs, axis=2)
+        y = tl.sum(acc, axis=1)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+    @triton.jit
+    def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
+                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+        # p: uint8 [N, K/2] (pack_nibbles), one group of columns per step:
+        # part [BN, BM] = (128 + q_even) @ x_even^T + (128 + q_odd) @ x_odd^T, then scale and zero.
+        H: tl.constexpr = GROUP // 2
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_in = tl.minimum(rn, N - 1)
+        rm = tl.arange(0, BLOCK_M)
+        rm_in = tl.minimum(rm, M - 1)
+        p_off = rn_in[:, None].to(tl.int64) * stride_pn + tl.arange(0, H)[None, :]     # [BN, H] bytes
+        x_off = rm_in[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]               # [BM, G]
+        sz_off = rn_in.to(tl.int64) * stride_szn                                         # [BN]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for g in tl.range(0, K // GROUP, num_stages=STAGES):
+            p = tl.load(p_ptr + g * H + p_off)
+            lo = ((p & 0xF).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)  # bf16 128 + q, exact
+            hi = ((p >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            x = tl.load(x_ptr + g * GROUP + x_off)                                       # [BM, G]
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, H, 2)))                     # [BM, H] each
+            part = tl.dot(lo, tl.trans(x_even))
+            part = tl.dot(hi, tl.trans(x_odd), part)
+            xs = tl.sum(x.to(tl.float32), axis=1)                                        # [BM]
+            sz = tl.load(sz_ptr + g + sz_off)
+            s = (sz << 16).to(tl.float32, bitcast=True)
+            z = (sz & -65536).to(tl.float32, bitcast=True)
+            acc += part * s[:, None] + (z - 136.0 * s)[:, None] * xs[None, :]
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+    @triton.jit
+    def int4_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+        # w bf16 [N, K] = (q - 8) * scale + zero, for prefill; p uint8 [N, K/2], sz bf16 [N, K/G, 2]
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        byte = tl.load(p_ptr + rn[:, None].to(tl.int64) * (K // 2) + rk[None, :] // 2, mask=mask, other=0)
+        q = tl.where(rk[None, :] % 2 == 0, byte & 0xF, byte >> 4).to(tl.float32)
+        sz = sz_ptr + rn[:, None].to(tl.int64) * (K // GROUP * 2) + (rk[None, :] // GROUP) * 2
+        s = tl.load(sz, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
+        tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(tl.bfloat16), mask=mask)
+
+    return {"fma": fma_kernel, "dot": dot_kernel, "int4_fma": int4_fma_kernel, "int4_dot": int4_dot_kernel,
+            "int4_dequant": int4_dequant_kernel}
+
+
+# ---------------------------------------------------------------- configs and the first-call tuner
+
+def _cfg(kernel, block_n, block_k, warps, stages):
+    return (kernel, block_n, block_k, warps, stages)
+
+
+# (kernel, BLOCK_N, BLOCK_K in weights, num_warps, num_stages). A thread holds BLOCK_N * BLOCK_K / (32 *
+# warps) fp32 partial sums in the fma kernels: <= 64 keeps registers (and so programs per SM) in check.
+# Per row and step: BLOCK_K weights = 128..1024 bytes (bf16), 256..1024 (int8), 128..512 (int4).
+# stages > 1: Triton turns the loop's loads into cp.async into shared memory, `stages - 1` tiles ahead.
+_FMA_BF16 = [_cfg("fma", 8, 256, 4, 1), _cfg("fma", 16, 256, 4, 1), _cfg("fma", 8, 512, 4, 1),
+             _cfg("fma", 16, 512, 8, 1), _cfg("fma", 4, 512, 4, 1), _cfg("fma", 8, 256, 4, 3),
+             _cfg("fma", 16, 256, 4, 3)]
+_FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 8, 1024, 4, 1),
+             _cfg("fma", 16, 256, 4, 1), _cfg("fma", 32, 512, 8, 1), _cfg("fma", 16, 512, 4, 3),
+             _cfg("fma", 8, 1024, 8, 3)]
+_DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
+        _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3)]
+_FMA_INT4 = [_cfg("int4_fma", 16, 512, 4, 1), _cfg("int4_fma", 16, 1024, 2, 1), _cfg("int4_fma", 32, 512, 2, 1),
+             _cfg("int4_fma", 8, 512, 1, 1), _cfg("int4_fma", 16, 1024, 4, 1), _cfg("int4_fma", 8, 1024, 2, 1),
+             _cfg("int4_fma", 16, 512, 2, 3)]
+_DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
+             _cfg("int4_dot", 32, 0, 1, 3)]
+FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
+DEQUANT = ("dequant", 0, 0, 0, 0)  # not a kernel: dequantize to bf16 (int4: a Triton kernel) and F.linear
+
+
+def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
+    """The configs _pick chooses from for op ("bf16", "int8", "int4") and M rows; the first is the default
+    (used without timing under the interpreter, with FLINT_GEMV_TUNE=0, or in a CUDA graph capture)."""
+    if op == "int4":
+        fma = [c for c in _FMA_INT4 if c[2] % group_size == 0]  # whole groups per step
+        dot = _DOT_INT4
+    else:
+        fma = _FMA_BF16 if op == "bf16" else _FMA_INT8
+        dot = _DOT
+    if M == 1:
+        return fma + dot[:1]
+    if M <= FMA_MAX_M:
+        return fma[:3] + dot
+    return dot if M <= 16 else [DEQUANT] + dot  # past 16 rows the old path first: the default, and timed
+
+
+_best: dict[tuple, tuple] = {}  # _key(...) -> config
+_timings: dict[tuple, dict] = {}  # the same keys -> {config: ms} measured when it was picked
+
+
+def _key(op: str, M: int, N: int, K: int, group_size: int, device: torch.device) -> tuple:
+    """Tuning is per shape and row bucket (1, 2, 3, 4, then powers of two up to 64): a chunked prefill of
+    any length up to 64 rows reuses its bucket's choice instead of timing again."""
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+    return op, (M if M <= FMA_MAX_M else _block_m(M)), N, K, group_size, index
+
+
+def config_for(op: str, M: int, N: int, K: int, group_size: int = 0, device=None):
+    """The config picked for this call shape so far (None if none was), e.g. for a benchmark's report."""
+    return _best.get(_key(op, M, N, K, group_size, torch.device(device if device is not None else "cuda")))
+
+
+def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
+    """The config for key: on first sight on a GPU, the fastest of configs (triton.testing.do_bench: L2
+    flushed before each run, so W comes from memory as in a real decode step). Never times during CUDA
+    graph capture (the default is used and kept) and never under the interpreter."""
+    cfg = _best.get(key)
+    if cfg is not None:
+        return cfg
+    cfg = configs[0]
+    tune = (device.type == "cuda" and not _interpret() and len(configs) > 1
+            and os.environ.get("FLINT_GEMV_TUNE", "1") != "0")
+    if tune and torch.cuda.is_current_stream_capturing():
+        warnings.warn(f"gemv: first call for {key} inside CUDA graph capture: using the default config untimed "
+                      f"(run the op once before capturing)")
+        tune = False
+    if tune:
+        from triton.testing import do_bench
+
+        times = {}
+        for c in configs:
+            try:
+                launch(c)  # compiles
+                times[c] = do_bench(lambda: launch(c), warmup=5, rep=20)
+            except Exception as e:  # a config that does not compile or fit (shared memory) is skipped
+                times[c] = float("inf")
+                warnings.warn(f"gemv: config {c} failed for {key}: {type(e).__name__}: {str(e)[:200]}")
+        cfg = min(times, key=times.get)
+        _timings[key] = times
+    _best[key] = cfg
+    return cfg
+
+
+def tuning_log() -> dict[tuple, tuple[tuple, dict]]:
+    """What _pick settled on so far: {(op, M bucket, N, K, group_size, device index): (config, {config: ms})}."""
+    return {key: (cfg, dict(_timings.get(key, {}))) for key, cfg in _best.items()}
+
+
+# ---------------------------------------------------------------- launches (the ops' bodies)
+
+def _grid_rows(kernel: str, M: int, N: int, block_n: int) -> tuple:
+    """fma kernels: a program per (block of W rows, row of x), rows of x fastest; dot kernels: per block."""
+    programs = -(-N // block_n)
+    return (programs * M,) if "fma" in kernel else (programs,)
+
+
+def _block_m(M: int) -> int:
+    """Rows of x a dot kernel computes at once: M padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (M - 1).bit_length())
+
+
+def _run_dense(x2, w, scales, cfg):
+    """bf16 (scales None) or int8 through fma_kernel / dot_kernel with config cfg -> y bf16 [M, N]."""
+    kernel, block_n, block_k, warps, stages = cfg
+    quant = scales is not None
+    if kernel == "dequant":
+        return F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16) if quant else F.linear(x2, w)
+    M, K = x2.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
+    common = dict(QUANT=quant, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, STAGES=stages,
+                  num_warps=warps, num_stages=stages)
+    s = scales if quant else w  # an unused pointer for bf16
+    if kernel == "fma":
+        _kernels()["fma"][_grid_rows(kernel, M, N, block_n)](
+            x2, w, s, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0), **common)
+    else:
+        _kernels()["dot"][_grid_rows(kernel, M, N, block_n)](
+            x2, w, s, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0), BLOCK_M=_block_m(M), **common)
+    return y
+
+
+def _run_int4(x2, packed, scales_zeros, group_size, cfg):
+    """int4 through int4_fma_kernel / int4_dot_kernel with config cfg -> y bf16 [M, N]."""
+    kernel, block_n, block_k, warps, stages = cfg
+    if kernel == "dequant":
+        return F.linear(x2, int4_dequantize(packed, scales_zeros, group_size))
+    M, K = x2.shape
+    N = packed.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
+    sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
+    if kernel == "int4_fma":
+        words = packed.view(torch.int32)  # [N, K / 8]
+        _kernels()["int4_fma"][_grid_rows(kernel, M, N, block_n)](
+            x2, words, sz, y, M, N, K, x2.stride(0), words.stride(0), sz.stride(0), y.stride(0),
+            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=(K // group_size) % (block_k // group_size) == 0,
+            STAGES=stages, num_warps=warps, num_stages=stages)
+    else:
+        _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
+            x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
+            GROUP=group_size, BLOCK_M=_block_m(M), BLOCK_N=block_n, STAGES=stages, num_warps=warps,
+            num_stages=stages)
+    return y
+
+
+def int4_dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """packed uint8 [N, K/2] + scales_zeros bf16 [N, K/G, 2] -> bf16 [N, K] (Triton where available)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    packed, scales_zeros = packed.contiguous(), scales_zeros.contiguous()
+    if available(packed):
+        w = torch.empty(N, K, dtype=torch.bfloat16, device=packed.device)
+        grid = (-(-N // 32), -(-K // 256))
+        _kernels()["int4_dequant"][grid](packed, scales_zeros, w, N, K, GROUP=group_size, BLOCK_N=32, BLOCK_K=256)
+        return w
+    q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(N, K).float()
+    sz = scales_zeros.float()
+    w = (q.reshape(N, -1, group_size) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.reshape(N, K).to(torch.bfloat16)
+
+
+def _check(x2, w, n_cols):
+    if x2.dtype != torch.bfloat16 or x2.dim() != 2:
+        raise ValueError(f"gemv: x must be bf16 [M, K], got {x2.dtype} {list(x2.shape)}")
+    if x2.shape[1] != n_cols:
+        raise ValueError(f"gemv: x has {x2.shape[1]} columns, the weight {n_cols}")
+    if not w.is_contiguous():
+        raise ValueError("gemv: the weight must be contiguous")
+
+
+# ---------------------------------------------------------------- the custom ops
+
+@torch.library.custom_op("flint::bf16_linear", mutates_args=())
+def bf16_linear(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N]."""
+    _check(x2, w, w.shape[1])
+    M, K = x2.shape
+    if M > MAX_M or M == 0 or not available(x2):
+        return _run_dense(x2, w, None, DEQUANT)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    key = _key("bf16", M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("bf16", M, K), lambda c: _run_dense(x2, w, None, c), x2.device)
+    return _run_dense(x2, w, None, cfg)
+
+
+@bf16_linear.register_fake
+def _(x2, w):
+    return x2.new_empty(x2.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("flint::int8_linear", mutates_args=())
+def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N]."""
+    _check(x2, w, w.shape[1])
+    M, K = x2.shape
+    if M > MAX_M or M == 0 or not available(x2):  # prefill: compute-bound, cuBLAS on a bf16 copy
+        return _run_dense(x2, w, scales, DEQUANT)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    key = _key("int8", M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("int8", M, K), lambda c: _run_dense(x2, w, scales, c), x2.device)
+    return _run_dense(x2, w, scales, cfg)
+
+
+@int8_linear.register_fake
+def _(x2, w, scales):
+    return x2.new_empty(x2.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("flint::int4_linear", mutates_args=())
+def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x2 bf16 [M, K] @ W^T -> bf16 [M, N], W = (q - 8) * scale + zero per group of group_size columns;
+    packed uint8 [N, K/2] (quantize.pack_nibbles), scales_zeros bf16 [N, K/G, 2]."""
+    K = packed.shape[1] * 2
+    _check(x2, packed, K)
+    if group_size % 32 or K % group_size or scales_zeros.shape != (packed.shape[0], K // group_size, 2):
+        raise ValueError(f"gemv: int4 needs a group size that is a multiple of 32 dividing K={K} and "
+                         f"scales_zeros [N, K/G, 2]; got G={group_size}, {list(scales_zeros.shape)}")
+    M = x2.shape[0]
+    if M > MAX_M or M == 0 or not available(x2):
+        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    scales_zeros = scales_zeros.contiguous()
+    key = _key("int4", M, packed.shape[0], K, group_size, x2.device)
+    cfg = _pick(key, candidates("int4", M, K, group_size),
+                lambda c: _run_int4(x2, packed, scales_zeros, group_size, c), x2.device)
+    return _run_int4(x2, packed, scales_zeros, group_size, cfg)
+
+
+@int4_linear.register_fake
+def _(x2, packed, scales_zeros, group_size):
+    return x2.new_empty(x2.shape[0], packed.shape[0])

@@ -1,0 +1,268 @@
+"""gemv.py: every kernel config against the dequantized fp32 reference, the custom ops under torch.compile,
+bench.py gemv end to end, quantize.py's modules in the gemv layout.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter, which must be switched on before
+triton (and gemv's kernels) are first imported, hence the first lines; with one they run on it. Triton's
+interpreter (3.7 to 3.9) gets three bf16 operations wrong, which the GPU gets right; _fix_interpreter_bf16
+patches them (see there). Tolerance: the kernels round their output to bf16 (<= 2^-8 relative, round to
+nearest) after fp32 sums in their own order, so |y - ref| <= 2^-7 |ref| + 2^-9 max|ref| (twice the rounding,
+plus room for elements near zero; the fp32 cancellation of int4's 128 + q trick is far below both).
+"""
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import gemv  # noqa: E402
+import quantize as Q  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _fix_interpreter_bf16():
+    """Triton's interpreter stores bf16 as uint16 and (1) tl.dot multiplies those uint16 bit patterns,
+    (2) an int -> bf16 cast writes the integer as the bits, (3) fp32 -> bf16 truncates instead of rounding
+    to nearest even. Patch the three to what the GPU does; a later interpreter that fixed them is unharmed."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "cast_impl") or not hasattr(builder, "create_dot"):
+        return
+    cast, dot = builder.cast_impl, builder.create_dot
+
+    def to_f32(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    def cast_impl(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16:
+            f = cast(self, src, tl.float32).data if src.dtype.scalar != tl.float32 else src.data
+            bits = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even (no NaNs here)
+            return interp.TensorHandle(bits.astype(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, to_f32(a), to_f32(b), d, *args)
+
+    builder.cast_impl, builder.create_dot = cast_impl, create_dot
+
+
+if not CUDA:
+    _fix_interpreter_bf16()
+
+
+def close(y, ref):
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape and y.device.type == DEVICE
+    err = (y.float().cpu() - ref).abs()
+    bound = 2 ** -7 * ref.abs() + 2 ** -9 * ref.abs().max()
+    assert (err <= bound).all(), f"max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"
+
+
+def problem(M, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w = torch.randn(N, K, generator=g) + torch.randn(N, 1, generator=g)  # offset rows: zeros matter in int4
+    return x, w
+
+
+# M in {1, 3, 8, 20} (fma, fma and dot, dot, dot with 32 rows or dequantize); N odd or not a multiple of any
+# BLOCK_N; K not a multiple of BLOCK_K (int8/bf16: 320; int4 with G=64: 5 groups, not a multiple of the
+# groups per step)
+SHAPES = [(1, 97, 320), (3, 160, 256), (8, 131, 320), (20, 48, 320)]
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_bf16_every_config(M, N, K):
+    x, w = problem(M, N, K)
+    wb = w.to(torch.bfloat16)
+    ref = x.float() @ wb.float().t()
+    x, wb = x.to(DEVICE), wb.to(DEVICE)
+    for cfg in gemv.candidates("bf16", M, K):
+        close(gemv._run_dense(x, wb, None, cfg), ref)
+    close(gemv.bf16_linear(x, wb), ref)
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_every_config(M, N, K):
+    x, w = problem(M, N, K)
+    q, scales = Q.int8_quantize(w)
+    ref = x.float() @ (q.float() * scales.float()[:, None]).t()
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    for cfg in gemv.candidates("int8", M, K):
+        close(gemv._run_dense(x, q, scales, cfg), ref)
+    close(gemv.int8_linear(x, q, scales), ref)
+
+
+def int4_problem(M, N, K, group_size):
+    x, w = problem(M, N, K)
+    scales, zeros = Q.int4_grid(w, group_size)
+    q = Q.int4_codes(w, scales, zeros)
+    sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)  # [N, K/G, 2]
+    ref = x.float() @ Q.int4_dequantize(q, scales, zeros).t()
+    return x.to(DEVICE), Q.pack_nibbles(q).to(DEVICE), sz.to(DEVICE), ref
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 3, 8, 20])
+def test_int4_every_config(M, group_size):
+    N, K = (97, 320) if group_size != 128 else (131, 384)  # 10 / 5 / 3 groups per row
+    x, packed, sz, ref = int4_problem(M, N, K, group_size)
+    for cfg in gemv.candidates("int4", M, K, group_size):
+        close(gemv._run_int4(x, packed, sz, group_size, cfg), ref)
+    close(gemv.int4_linear(x, packed, sz, group_size), ref)
+
+
+def test_prefill_rows_fall_back_to_dequantize_and_matmul():
+    M, N, K, G = 70, 48, 256, 64  # M > MAX_M
+    x, packed, sz, ref = int4_problem(M, N, K, G)
+    # F.linear on bf16 weights: each weight rounded to bf16 once more, hence a wider bound
+    w = gemv.int4_dequantize(packed, sz, G)
+    assert w.dtype == torch.bfloat16 and w.shape == (N, K)
+    torch.testing.assert_close(w.float(), Q.int4_dequantize(Q.unpack_nibbles(packed), sz[..., 0].float(),
+                                                            sz[..., 1].float()), rtol=2 ** -8, atol=2 ** -8)
+    y = gemv.int4_linear(x, packed, sz, G)
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    x8, w8 = problem(M, N, K)
+    q, scales = Q.int8_quantize(w8)
+    ref8 = x8.float() @ (q.float() * scales.float()[:, None]).t()
+    y8 = gemv.int8_linear(x8.to(DEVICE), q.to(DEVICE), scales.to(DEVICE))
+    torch.testing.assert_close(y8.float().cpu(), ref8, rtol=2e-2, atol=2e-2 * ref8.abs().max().item())
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(1, 64).to(torch.bfloat16)  # (checked before any kernel runs: CPU tensors do)
+    with pytest.raises(ValueError, match="bf16"):
+        gemv.int8_linear(x.float(), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="columns"):
+        gemv.int8_linear(x, torch.zeros(8, 32, dtype=torch.int8), torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="group size"):
+        gemv.int4_linear(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 1, 2, dtype=torch.bfloat16), 48)
+
+
+def test_available():
+    assert gemv.available(torch.zeros(1, device=DEVICE))  # without a GPU: the interpreter runs CPU tensors
+    assert gemv.available(torch.device(DEVICE))
+
+
+def test_opcheck():
+    x, packed, sz, _ = int4_problem(2, 32, 128, 64)
+    q, scales = (t.to(DEVICE) for t in Q.int8_quantize(torch.randn(32, 128)))
+    ops = torch.ops.flint
+    for op, args in ((ops.int8_linear, (x, q, scales)), (ops.bf16_linear, (x, q.to(torch.bfloat16))),
+                     (ops.int4_linear, (x, packed, sz, 64))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_compiled_fullgraph_calls_the_op_once():
+    """torch.compile(fullgraph=True) keeps each op as one opaque call (no graph break) and gets the same
+    numbers as eager, with aot_eager (whose graph we can read) and with inductor."""
+    import torch._dynamo.testing
+
+    M, N, K, G = 1, 64, 256, 64
+    x, packed, sz, _ = int4_problem(M, N, K, G)
+    q, scales = (t.to(DEVICE) for t in Q.int8_quantize(torch.randn(N, K)))
+
+    def f(x):
+        h = torch.ops.flint.int4_linear(x, packed, sz, G)
+        return torch.ops.flint.int8_linear(torch.nn.functional.pad(h, (0, K - N)), q, scales).float().relu()
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))  # inductor (C++ on CPU), as model.py
+    targets = [n.target for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.flint.int4_linear) == 1 and targets.count(torch.ops.flint.int8_linear) == 1
+
+
+def test_bench_gemv_runs_end_to_end(monkeypatch, capsys):
+    """bench.py gemv on tiny shapes: every kernel's output checked against its reference, the whole-model
+    rows present (timings not asserted; without a GPU there are no CUDA graphs and no tinygemm)."""
+    import json
+
+    import bench
+
+    monkeypatch.setattr(bench, "GEMV_SHAPES", {"qkv": (48, 256), "o": (32, 256), "gate_up": (80, 256),
+                                               "down": (32, 512), "lm_head": (72, 256)})
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1.0)
+    assert bench.main(["gemv", "--batch-sizes", "1", "--min-mb", "0", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kernels = [r for r in rows if r["bench"] == "gemv"]
+    assert len(kernels) == 5 * (6 if CUDA else 5) and all(r["max_rel_err"] < 1e-2 for r in kernels)  # tinygemm: CUDA
+    expected = set(bench.GEMV_MODEL) if CUDA else set(bench.GEMV_MODEL) - {"int4 today"}
+    assert {r["variant"] for r in rows if r["bench"] == "gemv_model"} == expected
+
+
+# ---------------------------------------------------------------- quantize.py's modules in the gemv layout
+
+@pytest.fixture
+def gemv_layout(monkeypatch):
+    """Modules built while this is active take the layout and kernels they would on a CUDA machine with
+    Triton (here run by the interpreter)."""
+    monkeypatch.setattr(Q, "use_gemv", lambda device: True)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_linear_gemv_layout_matches_the_cpu_layout(gemv_layout, group_size):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 48, bias=True)  # 192 is not a multiple of 128: zero-padded to 256
+    m = Q.Int4Linear.from_float(lin, group_size)
+    assert m.layout == "gemv" and m.weight.shape == (48, m.k_padded // 2)
+    assert m.scales_and_zeros.shape == (48, m.k_padded // group_size, 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Q, "use_gemv", lambda device: False)
+        ref_m = Q.Int4Linear.from_float(lin, group_size)
+    assert ref_m.layout == "cpu"
+    assert torch.equal(m.codes(), ref_m.codes())
+    assert all(torch.equal(a, b) for a, b in zip(m.scales_zeros(), ref_m.scales_zeros()))
+    assert torch.equal(m.dequantize(), ref_m.dequantize())
+    for rows in (1, 3, 20, 70):  # GEMV kernels, and dequantize + F.linear past 64 rows
+        x = torch.randn(rows, 192)
+        ref = x.to(torch.bfloat16).float() @ m.dequantize().t() + lin.bias
+        torch.testing.assert_close(m(x), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_int8_linear_gemv_path(gemv_layout):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80, bias=False)
+    m = Q.Int8Linear.from_float(lin)
+    assert m.gemv
+    for rows in (1, 8, 20, 70):
+        x = torch.randn(rows, 96)
+        ref = x.to(torch.bfloat16).float() @ m.dequantize().t()
+        y = m(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref, atol=2e-2, rtol=1e-2)
+
+
+def test_checkpoints_move_between_layouts(gemv_layout, tmp_path):
+    """A model quantized in the gemv layout saves the portable checkpoint: it loads back in the gemv layout
+    (identical logits) and in the CPU layout (the same codes and scales, logits up to kernel rounding)."""
+    from test_quantize import tiny_model
+
+    model = tiny_model()
+    Q.quantize_model(model, "int4", 32)
+    assert model.layers[0].mlp.down_proj.layout == "gemv" and model.lm_head.gemv
+    tokens = torch.randint(0, 256, (1, 12))
+    out = model(tokens)
+    Q.save_quantized(model, str(tmp_path))
+    loaded, _ = Q.load_quantized(str(tmp_path))
+    assert torch.equal(loaded(tokens), out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Q, "use_gemv", lambda device: False)
+        cpu, _ = Q.load_quantized(str(tmp_path))
+    a, b = model.layers[1].self_attn.qkv_proj, cpu.layers[1].self_attn.qkv_proj
+    assert b.layout == "cpu" and torch.equal(a.codes(), b.codes()) and torch.equal(a.dequantize(), b.dequantize())
+    torch.testing.assert_close(cpu(tokens), out, atol=5e-2, rtol=5e-2)
+    assert Q.model_bytes(cpu) == Q.model_bytes(model)
