@@ -283,10 +283,14 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
         fma = _FMA_BF16 if op == "bf16" else _FMA_INT8
         dot = _DOT
     if M == 1:
-        return fma + dot[:1]
-    if M <= FMA_MAX_M:
-        return fma[:3] + dot
-    return dot if M <= 16 else [DEQUANT] + dot  # past 16 rows the old path first: the default, and timed
+        configs = fma + dot[:1]
+    elif M <= FMA_MAX_M:
+        configs = fma[:3] + dot
+    else:
+        configs = dot if M <= 16 else [DEQUANT] + dot  # past 16 rows the old path first: the default, and timed
+    if op == "bf16" and DEQUANT not in configs:  # cuBLAS itself is a candidate (it wins some shapes at M > 1)
+        configs = configs + [DEQUANT]
+    return configs
 
 
 _best: dict[tuple, tuple] = {}  # _key(...) -> config
@@ -483,3 +487,31 @@ def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
 @int4_linear.register_fake
 def _(x2, packed, scales_zeros, group_size):
     return x2.new_empty(x2.shape[0], packed.shape[0])
+
+
+# ---------------------------------------------------------------- float linears of a model
+
+class Linear(torch.nn.Linear):
+    """nn.Linear whose few-row calls (decode) go through bf16_linear: the same parameters, so it keeps
+    ties and state-dict names. Anything else (prefill, other dtypes) is F.linear."""
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if rows > MAX_M or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def use_for_linears(model: torch.nn.Module) -> int:
+    """Switch every bf16 nn.Linear of model on a device gemv runs on to Linear (in place: the module's
+    class changes, its tensors stay), unless FLINT_GEMV=0. -> how many were switched."""
+    n = 0
+    if os.environ.get("FLINT_GEMV", "1") == "0":
+        return n
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and available(m.weight):
+            m.__class__ = Linear
+            n += 1
+    return n

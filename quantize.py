@@ -202,7 +202,10 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = math.ceil(in_features / group_size) * group_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        self.layout = "gemv" if use_gemv(dev) else "tinygemm" if dev.type == "cuda" else "cpu"
+        # On the H200 (triton 3.6) our int4 kernel reads 0.15-0.29 of copy bandwidth, tinygemm 0.31-0.48:
+        # tinygemm stays the default until the kernel beats it (FLINT_GEMV_INT4=1 selects it; see BENCHMARKS.md)
+        int4_gemv = use_gemv(dev) and os.environ.get("FLINT_GEMV_INT4", "0") == "1"
+        self.layout = "gemv" if int4_gemv else "tinygemm" if dev.type == "cuda" else "cpu"
         n_groups = self.k_padded // group_size
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))  # set by set_codes
         self.register_buffer("scales_and_zeros", torch.empty(

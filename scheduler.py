@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import gemv
 from kv import NoFreeBlocks, PagedKVCache, StaticKVCache
 from quantize import load_quantized, model_bytes, quantize_model, quantized_from_gguf
 from sampling import SamplingParams, find_stop, make_generator, sample, sample_each, stop_holdback
@@ -205,7 +206,10 @@ class Engine:
             # serves every layer, every step and every prompt length. On CUDA the whole step is then
             # captured in a CUDA graph by hand, so a token costs one graph launch. A CPU has no such
             # graph, so there all layers compile as one graph (one call per token; slower to compile).
-            self.model.compile_decode(whole_model=torch.device(device).type != "cuda")
+            cuda = torch.device(device).type == "cuda"
+            if cuda:  # decode's few-row bf16 matmuls through gemv.py's Triton GEMV (faster than cuBLAS there)
+                gemv.use_for_linears(self.model)
+            self.model.compile_decode(whole_model=not cuda)
         # bytes of weights one decode step reads: everything but the embedding table, of which a
         # step reads one row (unless it is tied to the lm head, which reads all of it)
         self.weight_bytes = model_bytes(model)  # parameters and quantized buffers, shared ones once
@@ -265,15 +269,16 @@ class Engine:
 
     def _cache_for(self, batch_size: int, seq_len: int) -> StaticKVCache:
         # Reuse the cache when it fits. Compiled decode attends over the whole cache, so its length
-        # comes in few sizes (powers of two from 1024) and a new prompt length rarely changes a shape.
+        # comes in few sizes (powers of two from 512 on CUDA) and a new prompt length rarely changes a shape.
         if seq_len > self.max_seq_len:
             raise ValueError(f"{seq_len} tokens do not fit the context of {self.max_seq_len}")
         if self.compiled:
             # (on CPU from 256: there attention over unused slots costs real time, a recompile little)
-            smallest = 1024 if self.device.type == "cuda" else 256
+            smallest = 512 if self.device.type == "cuda" else 256
             seq_len = min(self.max_seq_len, max(smallest, 1 << (seq_len - 1).bit_length()))
-        else:
-            seq_len = min(self.max_seq_len, 64 * math.ceil(seq_len / 64))
+        # a multiple of 64 slots even when the context is not: attention kernels (cuDNN's on the H200)
+        # take an aligned key length, or fall back to slower ones (slots past the context stay unused)
+        seq_len = 64 * math.ceil(seq_len / 64)
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_seq_len < seq_len:
             self.cache = None  # free the old one first

@@ -211,6 +211,28 @@ def gemv_layout(monkeypatch):
     """Modules built while this is active take the layout and kernels they would on a CUDA machine with
     Triton (here run by the interpreter)."""
     monkeypatch.setattr(Q, "use_gemv", lambda device: True)
+    monkeypatch.setenv("FLINT_GEMV_INT4", "1")  # the int4 kernel is opt-in (tinygemm is faster on the H200 today)
+
+
+def test_linear_swap_uses_bf16_gemv_for_few_rows_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 96), torch.nn.Linear(96, 40, bias=True)).to(DEVICE, torch.bfloat16)
+    tied = torch.nn.Linear(96, 40, bias=False).to(DEVICE, torch.bfloat16)
+    tied.weight = model[1].weight
+    model.append(tied)
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want_a = model[1](model[0](x))
+        want_b = model[2](model[0](x))
+        assert gemv.use_for_linears(model) == 3
+        assert all(type(m) is gemv.Linear for m in model) and model[2].weight is model[1].weight
+        h = model[0](x)
+        got_a, got_b = model[1](h), model[2](h)
+        long = torch.randn(40, 256, device=DEVICE, dtype=torch.bfloat16)  # > MAX_M rows: F.linear
+        ref = torch.nn.functional.linear(long, model[0].weight, model[0].bias)
+        assert torch.allclose(model[0](long), ref, rtol=2 ** -7, atol=1e-3)
+    for got, want in ((got_a, want_a), (got_b, want_b)):
+        assert (got.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max() + 1e-3
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
