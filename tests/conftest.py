@@ -6,6 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not torch.cuda.is_available():
+    # gemv.py's Triton kernels run on CPU through Triton's interpreter (tests/test_gemv.py). It must be on
+    # before anything imports triton (torch.compile may, in any test), so it is switched on here, first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
