@@ -129,3 +129,23 @@ def test_bad_pool_options_give_one_line_errors(capsys, smollm2_path, tmp_path, f
     prompts.write_text("a\nb\n")
     code, out, err = run_cli(capsys, "--prompts-file", str(prompts), "--quiet", *flags)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_speculative_flags_give_plain_greedy_tokens(capsys, tmp_path, engine):
+    """--prompt-lookup on a batch (JSONL), eager and with --compile, and on one streamed prompt: the tokens
+    plain greedy decoding gives each prompt alone, and a speculative summary on stderr."""
+    from sampling import SamplingParams
+
+    prompts = ["Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown fox jumps",
+               "1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2,"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    want = [engine.generate([p], SamplingParams(max_new_tokens=16))[0] for p in prompts]
+    for extra in ([], ["--compile"]):
+        code, out, err = run_cli(capsys, "--prompts-file", str(f), "--jsonl", "--max-new-tokens", "16", "--quiet",
+                                 "--prompt-lookup", "--speculate-k", "4", *extra)
+        assert code == 0, err
+        assert [json.loads(line)["token_ids"] for line in out.splitlines()] == [w.token_ids for w in want], extra
+    code, out, err = run_cli(capsys, "--prompt", prompts[1], "--max-new-tokens", "16", "--prompt-lookup")
+    assert code == 0 and want[1].text in out
+    assert "speculative" in err and "acceptance" in err
