@@ -4,6 +4,8 @@
     y = int4_linear(x2, packed, scales_zeros, group)     # packed uint8 [N, K/2], scales_zeros bf16 [N, K/G, 2]
     y = bf16_linear(x2, w)                               # w bf16 [N, K]
     if gemv.available(x2): ...                           # a CUDA tensor (or device) and Triton importable
+    gemv.use_for_linears(model)                          # bf16 nn.Linear -> gemv.Linear, as a compiled CUDA
+                                                         # Engine does (FLINT_GEMV=0: off)
 
 Each is a torch custom op (torch.ops.flint.*): torch.compile(fullgraph=True) sees one opaque call and a CUDA
 graph captures its launch. They return bf16 [M, N] with fp32 accumulation.
@@ -45,7 +47,8 @@ issue limit at full bandwidth.
 
 Candidates: M = 1 the fma configs (and one dot), 2..4 rows both, 5..16 dot, 17..64 (continuous batching's
 decode batches) dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear,
-which is also what every M > 64 (prefill, compute-bound) gets. Without Triton (or on CPU without the
+which is also what every M > 64 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at
+every M: it wins some shapes. Without Triton (or on CPU without the
 interpreter) the ops compute the same thing with torch. The first call for a (shape, row bucket) times the
 candidates on the GPU (a few seconds per model at warm-up, compiles included); FLINT_GEMV_TUNE=0 takes the
 first candidate untimed. tuning_log() tells what was chosen and measured.

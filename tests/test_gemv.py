@@ -228,7 +228,7 @@ def test_linear_swap_uses_bf16_gemv_for_few_rows_only():
         assert all(type(m) is gemv.Linear for m in model) and model[2].weight is model[1].weight
         h = model[0](x)
         got_a, got_b = model[1](h), model[2](h)
-        long = torch.randn(40, 256, device=DEVICE, dtype=torch.bfloat16)  # > MAX_M rows: F.linear
+        long = torch.randn(gemv.MAX_M + 8, 256, device=DEVICE, dtype=torch.bfloat16)  # > MAX_M rows: F.linear
         ref = torch.nn.functional.linear(long, model[0].weight, model[0].bias)
         assert torch.allclose(model[0](long), ref, rtol=2 ** -7, atol=1e-3)
     for got, want in ((got_a, want_a), (got_b, want_b)):
