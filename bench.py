@@ -225,6 +225,9 @@ def bench_spec(opts) -> dict:
         drafter = speculative.PromptLookupDrafter()
     elif opts.drafter == "self":
         drafter = speculative.self_drafter(engine)
+    elif opts.drafter == "self-int4":  # an int4 copy of the target (group 64, int8 head) drafts
+        import copy
+        drafter = speculative.self_drafter(engine, model=quantize_model(copy.deepcopy(engine.model), "int4"))
     elif opts.draft in PRESETS:
         drafter = speculative.ModelDrafter(random_model(PRESETS[opts.draft], device, dtype), name=f"{opts.draft} (random)")
     elif opts.draft:
@@ -654,7 +657,8 @@ def main(argv=None):
     s.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="target with random weights in a real shape, random prompt (measures round cost)")
     s.add_argument("--prompt-len", type=int, default=128, help="with --preset")
-    s.add_argument("--drafter", choices=["prompt-lookup", "self", "draft"], default="prompt-lookup")
+    s.add_argument("--drafter", choices=["prompt-lookup", "self", "self-int4", "draft"], default="prompt-lookup",
+                   help="self: a layer-skipping view of the target; self-int4: an int4 copy of the target")
     s.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model for --drafter draft: a path or repo id, or a preset name (random weights)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
