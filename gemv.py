@@ -76,6 +76,11 @@ def _have_triton() -> bool:
     return True
 
 
+def enabled() -> bool:
+    """False when FLINT_GEMV=0 is set: every caller then keeps the kernels it used before gemv."""
+    return os.environ.get("FLINT_GEMV", "1") != "0"
+
+
 def available(x) -> bool:
     """Whether the Triton kernels run on the device of x (a tensor or a device): CUDA (or any device under
     the interpreter, for tests) and triton imports."""
@@ -300,11 +305,15 @@ _best: dict[tuple, tuple] = {}  # _key(...) -> config
 _timings: dict[tuple, dict] = {}  # the same keys -> {config: ms} measured when it was picked
 
 
+def _row_bucket(M: int) -> int:
+    return M if M <= FMA_MAX_M else _block_m(M)
+
+
 def _key(op: str, M: int, N: int, K: int, group_size: int, device: torch.device) -> tuple:
-    """Tuning is per shape and row bucket (1, 2, 3, 4, then powers of two up to 64): a chunked prefill of
-    any length up to 64 rows reuses its bucket's choice instead of timing again."""
+    """Tuning is per shape and row bucket (1, 2, 3, 4, then powers of two from 16 up to 64): a chunked
+    prefill of any length up to 64 rows reuses its bucket's choice instead of timing again."""
     index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-    return op, (M if M <= FMA_MAX_M else _block_m(M)), N, K, group_size, index
+    return op, _row_bucket(M), N, K, group_size, index
 
 
 def config_for(op: str, M: int, N: int, K: int, group_size: int = 0, device=None):
@@ -511,10 +520,27 @@ def use_for_linears(model: torch.nn.Module) -> int:
     """Switch every bf16 nn.Linear of model on a device gemv runs on to Linear (in place: the module's
     class changes, its tensors stay), unless FLINT_GEMV=0. -> how many were switched."""
     n = 0
-    if os.environ.get("FLINT_GEMV", "1") == "0":
+    if not enabled():
         return n
     for m in model.modules():
         if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and available(m.weight):
             m.__class__ = Linear
             n += 1
     return n
+
+
+def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
+    """Run one linear of each shape (anything with in_features/out_features: Linear, the quantized ones)
+    at every row bucket, so each kernel picks its config now rather than on a request's first call of
+    that shape (a server's first short prompt would otherwise wait for the timing)."""
+    buckets = sorted({_row_bucket(m) for m in range(1, MAX_M + 1)})
+    seen = set()
+    for m in model.modules():
+        if not (hasattr(m, "in_features") and hasattr(m, "out_features")):
+            continue
+        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None))
+        if shape in seen:  # tuning is keyed by shape: the other layers would only repeat it
+            continue
+        seen.add(shape)
+        for rows in buckets:
+            m(torch.zeros(rows, m.in_features, dtype=dtype, device=device))

@@ -133,7 +133,7 @@ def use_gemv(device) -> bool:
     """Whether quantized linears on device run gemv.py's Triton kernels: CUDA with Triton, unless FLINT_GEMV=0.
     Decided when a module is built (its forward stays free of checks that torch.compile would have to trace)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return device.type == "cuda" and os.environ.get("FLINT_GEMV", "1") != "0" and gemv.available(device)
+    return device.type == "cuda" and gemv.enabled() and gemv.available(device)
 
 
 class Int8Linear(nn.Module):

@@ -689,15 +689,8 @@ class Scheduler:
         t0 = time.perf_counter()
         cache, dev = self.cache, self.engine.device
         with torch.inference_mode():
-            if dev.type == "cuda":
-                # gemv.py's kernels pick their config on the first call of each shape and row count
-                # (powers of two up to 64): run every linear at those row counts now, or a short prompt's
-                # chunk would wait for the tuning in the middle of serving
-                dtype = next(self.engine.model.parameters()).dtype
-                for m in self.engine.model.modules():
-                    if hasattr(m, "in_features") and hasattr(m, "out_features"):
-                        for rows in (1, 2, 3, 4, 8, 16, 32, 64):
-                            m(torch.zeros(rows, m.in_features, dtype=dtype, device=dev))
+            if dev.type == "cuda":  # gemv.py's kernels time their configs now, not in a request's chunk
+                gemv.tune_linears(self.engine.model, self.engine.dtype, dev)
             bucket = self._bucket(1)
             while True:
                 cache.plan_decode([], [], bucket)

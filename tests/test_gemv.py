@@ -204,6 +204,22 @@ def test_bench_gemv_runs_end_to_end(monkeypatch, capsys):
     assert {r["variant"] for r in rows if r["bench"] == "gemv_model"} == expected
 
 
+
+def test_tune_linears_picks_a_config_for_every_row_bucket_once_per_shape(monkeypatch):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 48, bias=False) for _ in range(3)] + [torch.nn.Linear(48, 40, bias=False)]
+    model = torch.nn.Sequential(*layers).to(DEVICE, torch.bfloat16)
+    assert gemv.use_for_linears(model) == 4
+    calls = []
+    forward = gemv.Linear.forward
+    monkeypatch.setattr(gemv.Linear, "forward", lambda self, x: calls.append((self.in_features, x.shape[0])) or forward(self, x))
+    with torch.no_grad():
+        gemv.tune_linears(model, torch.bfloat16, DEVICE)
+    buckets = [1, 2, 3, 4, 16, 32, 64]
+    assert calls == [(64, r) for r in buckets] + [(48, r) for r in buckets]  # one layer of each shape
+    for N, K in ((48, 64), (40, 48)):
+        assert all(gemv.config_for("bf16", r, N, K, device=DEVICE) is not None for r in buckets)
+
 # ---------------------------------------------------------------- quantize.py's modules in the gemv layout
 
 @pytest.fixture
