@@ -11,7 +11,9 @@ Attention goes through a cache object handed in by the caller (kv.StaticKVCache,
 so the model never knows how or where keys and values are stored. With cache=None it runs plain
 causal attention over the tokens it is given (what a training loop or a logits test wants).
 """
+import functools
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -290,6 +292,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decode_block = None  # compiled Block.forward for one-token steps (compile_decode)
         self.decode_layers = None  # or: all layers of a one-token step as one compiled graph
+        self.decode_embed = self.decode_head = None  # compiled embed and head of those steps
 
     def forward(self, tokens, input_pos=None, cache=None, logits_at=None, compiled=None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
@@ -306,10 +309,12 @@ class Transformer(nn.Module):
         fresh = input_pos is None  # every row starts at position 0: causal attention over these tokens
         if fresh:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        x = self.embed_tokens(tokens)  # [B, T, dim]
-        cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
-        meta = cache.prepare(input_pos, fresh) if cache is not None else None
         compiled = (T == 1 if compiled is None else compiled) and cache is not None
+        embed, head = Transformer.embed, Transformer.head
+        if compiled and self.decode_embed is not None:
+            embed, head = self.decode_embed, self.decode_head
+        x, cos, sin = embed(self, tokens, input_pos)
+        meta = cache.prepare(input_pos, fresh) if cache is not None else None
         if compiled and self.decode_layers is not None:
             x = self.decode_layers(self.layers, x, cos, sin, input_pos, cache.layers, meta)
         else:
@@ -319,21 +324,41 @@ class Transformer(nn.Module):
         if logits_at is not None:  # [B] -> one position per row, [B, K] -> K positions per row
             at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
             x = x[torch.arange(B, device=x.device)[:, None], at]  # [B, K, dim]
+        return head(self, x)
+
+    def embed(self, tokens, input_pos):
+        """tokens, input_pos [B, T] -> x [B, T, dim] and the RoPE cos, sin [B, T, 1, head_dim] there."""
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
+        return x, cos, sin
+
+    def head(self, x):
+        """hidden states [B, K, dim] -> logits [B, K, vocab] in fp32."""
         return self.lm_head(self.norm(x)).float()
 
     def compile_decode(self, whole_model: bool = False, **compile_kwargs):
         """Compile the one-token step of a block. Every layer runs the same code on the same shapes
         with its own weights and cache tensors as inputs, so it compiles once, not n_layers times;
-        prefill (any length) stays eager and never triggers a recompilation.
+        prefill (any length) stays eager and never triggers a recompilation. The embedding (with RoPE)
+        and the head compile too: a dozen small kernels each when eager.
         whole_model=True compiles the loop over all layers as one graph instead: slower to compile (tens
         of seconds on a CPU) but one call per token instead of n_layers, which is what a CPU wants (no
         CUDA graph hides the cost of a call there)."""
         # one compiled graph per step shape (batch sizes, cache sizes, speculative k + 1): allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        p = next(self.parameters())
+        if (p.is_cuda and torch.cuda.get_device_capability(p.device)[0] >= 9 and "options" not in compile_kwargs
+                and hasattr(torch._inductor.config.triton, "enable_pdl") and os.environ.get("FLINT_PDL", "1") != "0"):
+            # Hopper: each generated kernel may launch while the previous one finishes (programmatic
+            # dependent launch) and waits for it on the device; hides a launch gap per kernel
+            compile_kwargs["options"] = {"triton.enable_pdl": True}
+        compile = functools.partial(torch.compile, fullgraph=True, dynamic=False, **compile_kwargs)
         if whole_model:
-            self.decode_layers = torch.compile(run_layers, fullgraph=True, dynamic=False, **compile_kwargs)
+            self.decode_layers = compile(run_layers)
         else:
-            self.decode_block = torch.compile(Block.forward, fullgraph=True, dynamic=False, **compile_kwargs)
+            self.decode_block = compile(Block.forward)
+        # unbound functions (the model is an argument): a deepcopy of the model compiles its own
+        self.decode_embed, self.decode_head = compile(Transformer.embed), compile(Transformer.head)
 
     @property
     def compiled_decode(self) -> bool:

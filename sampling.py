@@ -126,6 +126,25 @@ def filter_logits(logits, temperature, top_k, top_p, min_p, rep_penalty, history
     return warp_logits(logits, temperature, top_k, top_p, min_p)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> the index of the largest logit per row (the first one of equal maxima, as
+    torch.argmax). A GPU reduces each row of a few long rows in one thread block (27 us for V = 128k on
+    an H200, half a percent of an 8B decode step): there `chunked_argmax` takes a few microseconds."""
+    V = logits.shape[-1]
+    if logits.device.type == "cuda" and V % 256 == 0 and V >= 16384:
+        return chunked_argmax(logits, 256)
+    return logits.argmax(dim=-1)
+
+
+def chunked_argmax(logits: torch.Tensor, chunks: int) -> torch.Tensor:
+    """torch.argmax over the last dim (V divisible by chunks) in two steps: the max of every chunk, then
+    the first chunk holding the overall max, so ties resolve to the first index as torch.argmax does."""
+    V = logits.shape[-1]
+    best, where = logits.unflatten(-1, (chunks, V // chunks)).max(dim=-1)  # [..., chunks] each
+    chunk = best.argmax(dim=-1, keepdim=True)  # [..., 1]
+    return (chunk * (V // chunks) + where.gather(-1, chunk)).squeeze(-1)
+
+
 def sample_rows(logits, temperature, top_k, top_p, min_p, rep_penalty, generator=None, history=None):
     """Next tokens [B] (long) for logits [B, V] with per-row parameters (see `filter_logits`).
     Rows with temperature 0 take the argmax of the repetition-penalised logits, like transformers'
@@ -136,7 +155,7 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, rep_penalty, generator
         logits = apply_repetition_penalty(logits, history, rep_penalty)
     probs = warp_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
+    return torch.where(temperature == 0, argmax(logits), sampled)
 
 
 def sample(logits, params, generator=None, history=None):
@@ -149,10 +168,10 @@ def sample(logits, params, generator=None, history=None):
     if params.repetition_penalty == 1.0:
         history = None  # nothing to do; skip the gather/scatter
     if params.temperature == 0 and history is None:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     rows = row_params([params] * logits.shape[0], logits.device)
     if params.temperature == 0:
-        return apply_repetition_penalty(logits.float(), history, rows["rep_penalty"]).argmax(dim=-1)
+        return argmax(apply_repetition_penalty(logits.float(), history, rows["rep_penalty"]))
     return sample_rows(logits, **rows, generator=generator, history=history)
 
 
@@ -162,12 +181,12 @@ def sample_each(logits, params: list, generators: list, history=None):
     exactly what `sample` draws for it alone with that generator, so a seeded request gives the same
     tokens whatever else shares its batch."""
     if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     rows = row_params(params, logits.device)
     logits = logits.float()
     if history is not None and any(p.repetition_penalty != 1.0 for p in params):
         logits = apply_repetition_penalty(logits, history, rows["rep_penalty"])
-    out = logits.argmax(dim=-1)
+    out = argmax(logits)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
         return out

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from kv import StaticKVCache
 from model import Transformer
-from sampling import SamplingParams, apply_repetition_penalty, make_generator, row_params, sample, warp_logits
+from sampling import SamplingParams, apply_repetition_penalty, argmax, make_generator, row_params, sample, warp_logits
 from scheduler import GraphedForward, Metrics, Result, Sequence, drain, peak_memory_bytes
 from tokenizer import StreamDecoder
 
@@ -250,7 +250,7 @@ class ModelDrafter:
         for i in range(steps):
             x = processed_logits(logits, params, history)
             if params.temperature == 0:
-                d = x.argmax(dim=-1)
+                d = argmax(x)
             else:
                 q = x.softmax(dim=-1)
                 d = torch.multinomial(q, 1, generator=generator).squeeze(1)
@@ -495,7 +495,7 @@ def _spec_steps(engine, seqs: list[Sequence], params: SamplingParams, drafter, k
         hist = histories_with_drafts(history_tensor(histories, dev), draft_t) if penalty else None
         x = processed_logits(logits.reshape(B * T, -1), params, hist).view(B, T, -1)
         if params.temperature == 0:
-            accepted, nxt = accept_greedy(x.argmax(dim=-1).tolist(), drafts)
+            accepted, nxt = accept_greedy(argmax(x).tolist(), drafts)
         else:
             accepted, nxt = accept_sampled(x.softmax(dim=-1), q, draft_t, torch.tensor(n, device=dev), generator)
             accepted, nxt = torch.stack([accepted, nxt]).tolist()  # one copy to the host

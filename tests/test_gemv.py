@@ -104,6 +104,26 @@ def test_int8_every_config(M, N, K):
     close(gemv.int8_linear(x, q, scales), ref)
 
 
+@pytest.mark.parametrize("op", ["bf16", "int8"])
+@pytest.mark.parametrize("M,N,K", [(1, 97, 320), (1, 64, 512), (8, 131, 320)])
+def test_peeled_first_step_every_config(monkeypatch, op, M, N, K):
+    # on Hopper (PDL) the dense kernels read W's first tile before waiting for the previous kernel, and
+    # run the loop from the second tile: the same sums (K = 320: a partial first tile; 512: whole tiles)
+    monkeypatch.setattr(gemv, "_PEEL_WITHOUT_PDL", True)
+    x, w = problem(M, N, K)
+    if op == "bf16":
+        w, scales = w.to(torch.bfloat16), None
+        ref = x.float() @ w.float().t()
+    else:
+        w, scales = Q.int8_quantize(w)
+        ref = x.float() @ (w.float() * scales.float()[:, None]).t()
+        scales = scales.to(DEVICE)
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    for cfg in gemv.candidates(op, M, K):
+        if cfg != gemv.DEQUANT:
+            close(gemv._run_dense(x, w, scales, cfg), ref)
+
+
 def int4_problem(M, N, K, group_size):
     x, w = problem(M, N, K)
     scales, zeros = Q.int4_grid(w, group_size)

@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sampling import (  # noqa: E402
     SamplingParams,
     apply_repetition_penalty,
+    chunked_argmax,
     filter_logits,
     find_stop,
     make_generator,
@@ -159,6 +160,19 @@ def test_greedy_is_argmax():
     got = sample(logits, p, history=history)
     assert torch.equal(got, expected)
     assert torch.all(got != logits.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_argmax_is_argmax_ties_included(dtype):
+    # what greedy decoding uses on a GPU for large vocabularies: same index as torch.argmax, first of ties
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 128256, generator=g).to(dtype)
+    logits[0, 0, [7, 5000, 128255]] = 50.0  # a tie inside the first chunk and across chunks
+    logits[1, 1] = 0.0  # every entry tied
+    logits[2, 2, [128255, 128254]] = 50.0  # tie in the last chunk
+    logits[3, 0, -1] = 50.0
+    assert torch.equal(chunked_argmax(logits, 256), logits.argmax(-1))
+    assert chunked_argmax(logits, 256)[0, 0] == 7 and chunked_argmax(logits, 256)[2, 2] == 128254
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

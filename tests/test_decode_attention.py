@@ -1,0 +1,70 @@
+"""kv.decode_attention (the Triton split-K decode kernels a GPU's static cache uses) against SDPA, run
+through Triton's interpreter on CPU; and a model's decode steps with and without it."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kv
+from kv import StaticKVCache
+from model import ModelArgs
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or the Triton interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sdpa_reference(q, k, v, pos, window):
+    B, H, _, D = q.shape
+    S = k.shape[2]
+    slots = torch.arange(S, device=q.device)
+    seen = slots[None, :] <= pos[:, None]  # [B, S]
+    if window:
+        seen &= slots[None, :] > pos[:, None] - window
+    mask = seen[:, None, None, :]  # [B, 1, 1, S]
+    return F.scaled_dot_product_attention(q, k[:B], v[:B], attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(4, 2, 16), (9, 3, 64), (8, 8, 32), (6, 1, 16)])
+@pytest.mark.parametrize("window", [0, 50])
+def test_matches_sdpa(H, Hkv, D, window):
+    g = torch.Generator().manual_seed(H * 100 + D + window)
+    B, S = 3, 160  # 160 slots: three pieces of 64, the last one partial
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B + 1, Hkv, S, D, generator=g)  # the cache may hold more rows than the step uses
+    v = torch.randn(B + 1, Hkv, S, D, generator=g)
+    for positions in ([0, 63, 64], [159, 100, 5], [127, 128, 30]):
+        pos = torch.tensor(positions)
+        got = kv.decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pos.to(DEVICE), window)
+        want = sdpa_reference(q, k, v, pos, window)
+        assert got.shape == (B, H, 1, D)
+        assert (got.cpu().float() - want).abs().max() < 1e-4, positions
+
+
+def test_model_decode_steps_with_the_kernel_equal_masks(monkeypatch, tiny_model):
+    # the same decode steps over a static cache: SDPA with masks (the CPU path) and the kernel
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256,
+                     sliding_window=12)
+    model = tiny_model(args, 3)
+    tokens = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    model = model.to(DEVICE)
+    tokens = tokens.to(DEVICE)
+    outs = []
+    for use_kernel in (False, True):
+        if use_kernel:
+            monkeypatch.delenv("FLINT_DECODE_ATTENTION", raising=False)
+            monkeypatch.setattr(kv, "DECODE_KERNEL_ON_CPU", True)
+        else:
+            monkeypatch.setenv("FLINT_DECODE_ATTENTION", "0")
+        cache = StaticKVCache(args, 2, 96, device=DEVICE)
+        with torch.no_grad():
+            steps = [model(tokens[:, :9], None, cache)]
+            for t in range(9, 20):  # rows at different positions: row 1 runs 3 slots ahead
+                pos = torch.tensor([[t], [t + 3]], device=DEVICE)
+                steps.append(model(tokens[:, t:t + 1], pos, cache))
+        outs.append(steps)
+    assert kv.decode_kernel_available(torch.zeros(1, device=DEVICE)) is True  # the second pass did use it
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() < 1e-4
