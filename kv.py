@@ -38,14 +38,15 @@ class LayerKV:
 
     def attend(self, q, k, v, input_pos, meta):
         # q [B, H, T, D]; k, v [B, Hkv, T, D] are written at input_pos [B, T] of each row
+        if meta is not None and isinstance(meta[0], str):  # ("kernel", pos, window): one token a row, GPU
+            window = meta[2] if self.windowed else 0
+            return torch.ops.flint.decode_attention(q, k, v, self.k, self.v, meta[1], window)  # stores k, v too
         B = q.shape[0]
         rows = torch.arange(B, device=q.device)[:, None]  # [B, 1] broadcasts against input_pos [B, T]
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # the indexed view is [B, T, Hkv, D]
         self.v[rows, :, input_pos] = v.transpose(1, 2)
         if meta is None:  # fresh prefill: the new tokens are all there is
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if isinstance(meta[0], str):  # ("kernel", pos, window): one token per row on a GPU, no masks
-            return torch.ops.flint.decode_attention(q, self.k, self.v, meta[1], meta[2] if self.windowed else 0)
         causal, windowed = meta
         mask = windowed if self.windowed else causal  # [B, 1, T, kv_len]
         kv_len = mask.shape[-1]
@@ -100,8 +101,9 @@ class StaticKVCache:
 # One query token per row over a static cache, up to the row's position: flash-decoding. The keys are
 # cut into SPLIT-slot pieces; program (row, kv head, piece) scores the piece for the kv head's query
 # heads at once (GQA: one read of K and V for all of them) and keeps an unnormalised partial result with
-# its max and sum; a second kernel merges the pieces. Pieces past a row's position load nothing. SDPA
-# (cuDNN) takes ~9 us a layer for llama-3-8b at batch 1 whatever the position; this takes a few.
+# its max and sum; a second kernel merges the pieces. Pieces past a row's position load nothing, and the
+# piece holding the position stores the step's key and value (no separate cache-write kernels). SDPA
+# (cuDNN) took ~9 us a layer for llama-3-8b at batch 1 whatever the position, plus two index_put kernels.
 
 DECODE_SPLIT = 64  # key slots per program
 
@@ -129,10 +131,11 @@ def _decode_kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, Hkv, S, WINDOW, scale,
-                     sq_b, sq_h, sk_b, sk_h, sk_s, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                     SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-        # q [B, H, 1, D] (heads kvh*GROUP .. +GROUP share kv head kvh); k, v [Bc, Hkv, S, D]
+    def split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, Hkv, S, WINDOW, scale,
+                     sq_b, sq_h, sn_b, sn_h, sk_b, sk_h, sk_s, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                     D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        # q [B, H, 1, D] (heads kvh*GROUP .. +GROUP share kv head kvh); the step's k, v [B, Hkv, 1, D];
+        # the cache k, v [Bc, Hkv, S, D]
         bh = tl.program_id(0)  # b * Hkv + kvh
         piece = tl.program_id(1)
         b, kvh = bh // Hkv, bh % Hkv
@@ -144,13 +147,19 @@ def _decode_kernels():
         h = kvh * GROUP + rg
         q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + rd[None, :], mask=rg[:, None] < GROUP, other=0.0)
         seen = (rs <= pos) & (rs >= lo)                                          # [S]
+        here = rs == pos  # the step's own slot: its key and value come from k_new, v_new (and are stored)
         kv_off = b * sk_b + kvh * sk_h + rs[:, None].to(tl.int64) * sk_s + rd[None, :]  # [S, D]
-        k = tl.load(k_ptr + kv_off, mask=seen[:, None], other=0.0)
+        new_off = b * sn_b + kvh * sn_h + rd                                     # [D]
+        k_new = tl.load(kn_ptr + new_off)
+        k = tl.load(k_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
+        k = tl.where(here[:, None], k_new[None, :], k)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale      # [G, S] fp32
         scores = tl.where(seen[None, :], scores, float("-inf"))
         m = tl.max(scores, axis=1)                                               # [G]
         p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m)[:, None])       # 0 where nothing is seen
-        v = tl.load(v_ptr + kv_off, mask=seen[:, None], other=0.0)
+        v_new = tl.load(vn_ptr + new_off)
+        v = tl.load(v_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
+        v = tl.where(here[:, None], v_new[None, :], v)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)               # [G, D]
         n_pieces = tl.num_programs(1)
         out = (b * Hkv * GROUP + h) * n_pieces + piece                           # [G]: row of (b, head, piece)
@@ -158,6 +167,11 @@ def _decode_kernels():
         tl.store(acc_ptr + out[:, None] * D + rd[None, :], acc, mask=keep[:, None])
         tl.store(ml_ptr + out * 2, m, mask=keep)
         tl.store(ml_ptr + out * 2 + 1, tl.sum(p, axis=1), mask=keep)
+        # the piece holding pos stores the step's key and value (no other program reads that slot)
+        mine = (rd * 0 + pos // SPLIT) == piece                                  # [D], all true or all false
+        slot = b * sk_b + kvh * sk_h + pos.to(tl.int64) * sk_s + rd
+        tl.store(k_ptr + slot, k_new, mask=mine)
+        tl.store(v_ptr + slot, v_new, mask=mine)
 
     @triton.jit
     def merge_kernel(acc_ptr, ml_ptr, o_ptr, so_b, so_h, H, PIECES, D: tl.constexpr, P_PAD: tl.constexpr):
@@ -177,22 +191,27 @@ def _decode_kernels():
     return split_kernel, merge_kernel
 
 
-@torch.library.custom_op("flint::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
-    """q [B, H, 1, D]; k, v [Bc >= B, Hkv, S, D] (row b's keys at slots 0..pos[b], already written);
-    pos [B] -> [B, H, 1, D]: softmax(q k^T / sqrt(D)) v over slots lo..pos[b] (lo = pos - window + 1
-    with a window > 0, else 0). D a power of two."""
+@torch.library.custom_op("flint::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pos: torch.Tensor, window: int) -> torch.Tensor:
+    """One decode step's attention over a static cache, storing the step's keys and values on the way:
+    q [B, H, 1, D]; k, v [B, Hkv, 1, D] (this step's, stored at slot pos[b] of row b); k_cache, v_cache
+    [Bc >= B, Hkv, S, D]; pos [B] -> [B, H, 1, D]: softmax(q k^T / sqrt(D)) v over slots lo..pos[b]
+    (lo = pos - window + 1 with a window > 0, else 0). D a power of two."""
     B, H, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
     pieces = -(-S // DECODE_SPLIT)
     q, pos = q.contiguous(), pos.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:  # one set of strides for both, unit stride along D
+        k, v = k.contiguous(), v.contiguous()
     acc = torch.empty(B, H, pieces, D, dtype=torch.float32, device=q.device)  # unnormalised partial outputs
     ml = torch.empty(B, H, pieces, 2, dtype=torch.float32, device=q.device)  # their max and sum
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     split, merge = _decode_kernels()
-    split[(B * Hkv, pieces)](q, k, v, pos, acc, ml, Hkv, S, window if window > 0 else S + 1, 1.0 / math.sqrt(D),
-                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+    split[(B * Hkv, pieces)](q, k, v, k_cache, v_cache, pos, acc, ml, Hkv, S, window if window > 0 else S + 1,
+                             1.0 / math.sqrt(D), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=D, SPLIT=DECODE_SPLIT,
                              PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # fp32: no TF32
     merge[(B * H,)](acc, ml, out, out.stride(0), out.stride(1), H, pieces, D=D,
@@ -201,7 +220,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 
 
 @decode_attention.register_fake
-def _(q, k, v, pos, window):
+def _(q, k, v, k_cache, v_cache, pos, window):
     return torch.empty_like(q)
 
 

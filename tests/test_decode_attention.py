@@ -35,12 +35,21 @@ def test_matches_sdpa(H, Hkv, D, window):
     q = torch.randn(B, H, 1, D, generator=g)
     k = torch.randn(B + 1, Hkv, S, D, generator=g)  # the cache may hold more rows than the step uses
     v = torch.randn(B + 1, Hkv, S, D, generator=g)
+    k_new = torch.randn(B, Hkv, 1, D, generator=g)  # this step's keys and values, stored at pos
+    v_new = torch.randn(B, Hkv, 1, D, generator=g)
     for positions in ([0, 63, 64], [159, 100, 5], [127, 128, 30]):
         pos = torch.tensor(positions)
-        got = kv.decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pos.to(DEVICE), window)
-        want = sdpa_reference(q, k, v, pos, window)
+        k_dev, v_dev = k.clone().to(DEVICE), v.clone().to(DEVICE)
+        got = kv.decode_attention(q.to(DEVICE), k_new.to(DEVICE), v_new.to(DEVICE), k_dev, v_dev, pos.to(DEVICE),
+                                  window)
+        k_want, v_want = k.clone(), v.clone()
+        rows = torch.arange(B)
+        k_want[rows, :, pos] = k_new[:, :, 0]
+        v_want[rows, :, pos] = v_new[:, :, 0]
+        want = sdpa_reference(q, k_want, v_want, pos, window)
         assert got.shape == (B, H, 1, D)
         assert (got.cpu().float() - want).abs().max() < 1e-4, positions
+        assert torch.equal(k_dev.cpu(), k_want) and torch.equal(v_dev.cpu(), v_want)  # stored, nothing else touched
 
 
 def test_model_decode_steps_with_the_kernel_equal_masks(monkeypatch, tiny_model):
