@@ -265,20 +265,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, delta, cos, sin, input_pos, kv, meta):
-        """x + delta [B, T, dim] is the block's input, and it returns (h, delta) whose sum is its output:
-        the last residual add of a block is left to the next one, where it fuses with the first norm (in
-        a compiled step: one kernel fewer per layer; the same sums either way)."""
-        x = x + delta
+    def forward(self, x, cos, sin, input_pos, kv, meta):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv, meta)
-        return h, self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def run_layers(layers, x, delta, cos, sin, input_pos, kv_layers, meta):
+def run_layers(layers, x, cos, sin, input_pos, kv_layers, meta):
     """All blocks of a one-token step in a row (what compile_decode(whole_model=True) compiles)."""
     for layer, kv in zip(layers, kv_layers):
-        x, delta = Block.forward(layer, x, delta, cos, sin, input_pos, kv, meta)
-    return x, delta
+        x = Block.forward(layer, x, cos, sin, input_pos, kv, meta)
+    return x
 
 
 class Transformer(nn.Module):
@@ -318,20 +314,17 @@ class Transformer(nn.Module):
         if compiled and self.decode_embed is not None:
             embed, head = self.decode_embed, self.decode_head
         x, cos, sin = embed(self, tokens, input_pos)
-        delta = torch.zeros_like(x)  # see Block.forward: the hidden state is x + delta
         meta = cache.prepare(input_pos, fresh) if cache is not None else None
         if compiled and self.decode_layers is not None:
-            x, delta = self.decode_layers(self.layers, x, delta, cos, sin, input_pos, cache.layers, meta)
+            x = self.decode_layers(self.layers, x, cos, sin, input_pos, cache.layers, meta)
         else:
             step = self.decode_block if compiled and self.decode_block is not None else Block.__call__
             for i, layer in enumerate(self.layers):
-                kv = cache.layers[i] if cache is not None else None
-                x, delta = step(layer, x, delta, cos, sin, input_pos, kv, meta)
+                x = step(layer, x, cos, sin, input_pos, cache.layers[i] if cache is not None else None, meta)
         if logits_at is not None:  # [B] -> one position per row, [B, K] -> K positions per row
             at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
-            rows = torch.arange(B, device=x.device)[:, None]
-            x, delta = x[rows, at], delta[rows, at]  # [B, K, dim]
-        return head(self, x, delta)
+            x = x[torch.arange(B, device=x.device)[:, None], at]  # [B, K, dim]
+        return head(self, x)
 
     def embed(self, tokens, input_pos):
         """tokens, input_pos [B, T] -> x [B, T, dim] and the RoPE cos, sin [B, T, 1, head_dim] there."""
@@ -339,9 +332,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, input_pos, self.rope_factor, x.dtype)
         return x, cos, sin
 
-    def head(self, x, delta):
-        """the last block's output x + delta [B, K, dim] -> logits [B, K, vocab] in fp32."""
-        return self.lm_head(self.norm(x + delta)).float()
+    def head(self, x):
+        """hidden states [B, K, dim] -> logits [B, K, vocab] in fp32."""
+        return self.lm_head(self.norm(x)).float()
 
     def compile_decode(self, whole_model: bool = False, **compile_kwargs):
         """Compile the one-token step of a block. Every layer runs the same code on the same shapes

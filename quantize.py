@@ -380,14 +380,11 @@ def _each_block(model: Transformer, tokens: torch.Tensor, fn, progress: bool, de
             def grab(mod, args, group=group):
                 inputs[group] = args[0].reshape(-1, args[0].shape[-1]).float()
             hooks.append(block.get_submodule(names[0]).register_forward_pre_hook(grab))
-        def run(b):  # model.Block returns its output as two terms (h, delta)
-            return sum(b(x, torch.zeros_like(x), cos, sin, pos, None, None))
-
-        run(block)
+        block(x, cos, sin, pos, None, None)
         for h in hooks:
             h.remove()
-        fn(i, block, inputs, run)
-        x = run(block)
+        fn(i, block, inputs, lambda b: b(x, cos, sin, pos, None, None))
+        x = block(x, cos, sin, pos, None, None)
         if progress:
             print(f"\r{desc}: block {i + 1}/{len(model.layers)} ({time.perf_counter() - t0:.0f} s)",
                   end="", file=sys.stderr, flush=True)
