@@ -29,7 +29,7 @@ import torch
 import gemv
 from kv import NoFreeBlocks, PagedKVCache, StaticKVCache
 from quantize import load_quantized, model_bytes, quantize_model, quantized_from_gguf
-from sampling import SamplingParams, argmax, find_stop, make_generator, sample, sample_each, stop_holdback
+from sampling import SamplingParams, find_stop, make_generator, sample, sample_each, stop_holdback
 from tokenizer import StreamDecoder, load_tokenizer
 from weights import default_model_path, load_model
 
@@ -143,52 +143,24 @@ class GraphedForward:
 
     def __init__(self, model, cache, device, graphs: bool):
         self.model, self.cache, self.device, self.use_graphs = model, cache, device, graphs
-        self.graphs: dict[tuple, dict] = {}  # (tokens shape, greedy) -> graph, its input buffers and its output
+        self.graphs: dict[tuple, dict] = {}  # tokens shape -> graph, its input buffers and its output
 
     def __call__(self, tokens, input_pos):
         """tokens, input_pos: on the device, or in pinned host memory (copied without a sync)."""
         if not self.use_graphs:
             return self.model(tokens.to(self.device), input_pos.to(self.device), self.cache)
-        g = self._graph(tokens, input_pos, greedy=False)
+        g = self.graphs.get(tuple(tokens.shape))
+        if g is None:
+            g = {"tokens": tokens.to(self.device, copy=True), "pos": input_pos.to(self.device, copy=True)}
+            # Warm up (compiles) on a side stream. It writes the keys and values the real step writes
+            # (same tokens, same positions), so the cache is unharmed.
+            g["graph"], g["logits"] = capture_cuda_graph(
+                lambda: self.model(g["tokens"], g["pos"], self.cache, compiled=True))
+            self.graphs[tuple(tokens.shape)] = g
         g["tokens"].copy_(tokens, non_blocking=True)
         g["pos"].copy_(input_pos, non_blocking=True)
         g["graph"].replay()
         return g["logits"]
-
-    def greedy(self, tokens, input_pos):
-        """Greedy decoding with graphs: tokens, input_pos [B, 1] -> the next tokens [B, 1] (argmax).
-        The graph writes them, and the positions one further, into its own input buffers: pass the
-        returned tensor back as tokens (input_pos is then ignored) and the next step runs with no copies
-        and no kernels outside the graph. Valid until the next call."""
-        g = self._graph(tokens, input_pos, greedy=True)
-        if tokens.data_ptr() != g["tokens"].data_ptr():  # a new start (after a prefill)
-            g["tokens"].copy_(tokens, non_blocking=True)
-            g["pos"].copy_(input_pos, non_blocking=True)
-        g["graph"].replay()
-        return g["tokens"]
-
-    def _graph(self, tokens, input_pos, greedy: bool) -> dict:
-        key = (tuple(tokens.shape), greedy)
-        g = self.graphs.get(key)
-        if g is None:
-            g = {"tokens": tokens.to(self.device, copy=True), "pos": input_pos.to(self.device, copy=True)}
-            last = self.cache.max_seq_len - 1
-
-            def step():
-                logits = self.model(g["tokens"], g["pos"], self.cache, compiled=True)
-                if not greedy:
-                    return logits
-                g["tokens"].copy_(argmax(logits[:, -1:]))  # [B, 1]
-                g["pos"].copy_((g["pos"] + 1).clamp(max=last))
-                return g["tokens"]
-
-            # Warm up (compiles) on a side stream. It writes the keys and values the real step writes
-            # (same tokens, same positions), so the cache is unharmed. A greedy step also moves its
-            # buffers on (its extra keys sit at later positions, which every row overwrites before it
-            # attends to them); the caller copies the real inputs in after this.
-            g["graph"], g["logits"] = capture_cuda_graph(step)
-            self.graphs[key] = g
-        return g
 
 
 def check_paged_config(c: dict, cuda: bool):
@@ -522,8 +494,6 @@ class Engine:
         next_tok = sample(logits, params, generator, penalty_history)
 
         eos = set() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
-        # greedy with graphs: each replay also takes the argmax and moves its own tokens and positions on
-        graph_greedy = self.cuda_graphs and params.temperature == 0 and penalty_history is None
         rows = torch.arange(B, device=dev)
         cuda = dev.type == "cuda"
         host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
@@ -541,14 +511,11 @@ class Engine:
             if step + 1 < max_new:
                 if not self.compiled:  # attend over the longest row so far
                     cache.attend_upto(longest + step + 1)
-                if graph_greedy:
-                    following = self.decode_greedy(next_tok, pos, cache)
-                else:
-                    logits = self.decode_forward(next_tok[:, None], pos[:, None], cache)[:, 0]  # one token a row
-                    pos = (pos + 1).clamp(max=cache.max_seq_len - 1)
-                    following = sample(logits, params, generator, penalty_history)
+                logits = self.decode_forward(next_tok[:, None], pos[:, None], cache)[:, 0]  # one token per row
                 m.decode_steps += 1
                 m.kv_read_bytes += cache.nbytes * cache.kv_len // cache.max_seq_len
+                pos = (pos + 1).clamp(max=cache.max_seq_len - 1)
+                following = sample(logits, params, generator, penalty_history)
             if cuda:
                 copied.synchronize()
             toks = host_tok.tolist()
@@ -573,22 +540,13 @@ class Engine:
         m.peak_memory_bytes = peak_memory_bytes(dev)
 
 
-    def decode_greedy(self, tokens, pos, cache):
-        """Greedy decode step on CUDA graphs: tokens, pos [B] -> the next tokens [B], a view of the graph's
-        own buffer: passed back as tokens, the next step continues from it (pos is then ignored)."""
-        self._graph_for(cache)
-        return self._graph.greedy(tokens[:, None], pos[:, None])[:, 0]
-
-    def _graph_for(self, cache):
-        if self._graph is None or self._graph.cache is not cache:
-            self._graph = None  # free the old graphs first
-            self._graph = GraphedForward(self.model, cache, self.device, self.cuda_graphs)
-
     def decode_forward(self, tokens, input_pos, cache):
         """A step of a few tokens per row at their positions over a static cache: tokens, input_pos
         [B, T] -> logits [B, T, vocab] (T = 1 for decode; speculative verification sends k + 1).
         Compiled on CUDA, each shape is one CUDA graph, replayed; the logits are valid until the next call."""
-        self._graph_for(cache)
+        if self._graph is None or self._graph.cache is not cache:
+            self._graph = None  # free the old graphs first
+            self._graph = GraphedForward(self.model, cache, self.device, self.cuda_graphs)
         return self._graph(tokens, input_pos)
 
 
