@@ -374,8 +374,9 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
                 warnings.warn(f"gemv: config {c} failed for {key}: {type(e).__name__}: {str(e)[:200]}")
         # With PDL our dense kernels start under the previous kernel's tail inside a decode graph, which
         # do_bench (one call at a time) cannot show; cuBLAS (and the int4 kernels) launch plainly and pay
-        # a gap. On the H200 the llama-3-8b step took 4.24 ms with fma kernels everywhere against 4.69 ms
-        # when the tuner picked cuBLAS for o_proj and down_proj: they must win by NO_PDL_HANDICAP.
+        # a gap plus, for split-K, a reduce kernel. So they must win by NO_PDL_HANDICAP (a judgment: two
+        # H200 profiles of the llama-3-8b step gave 4.69 ms with cuBLAS split-K picked for o_proj and
+        # down_proj and no PDL, 4.24 ms with fma kernels everywhere and PDL).
         handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") else 1.0
         cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "dot") else handicap))
         _timings[key] = times
