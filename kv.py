@@ -132,14 +132,15 @@ def _decode_kernels():
 
     @triton.jit
     def split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, Hkv, S, WINDOW, scale,
-                     sq_b, sq_h, sn_b, sn_h, sk_b, sk_h, sk_s, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                     sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, s_pos, sk_b, sk_h, sk_s,
+                     GROUP: tl.constexpr, G_PAD: tl.constexpr,
                      D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         # q [B, H, 1, D] (heads kvh*GROUP .. +GROUP share kv head kvh); the step's k, v [B, Hkv, 1, D];
         # the cache k, v [Bc, Hkv, S, D]
         bh = tl.program_id(0)  # b * Hkv + kvh
         piece = tl.program_id(1)
         b, kvh = bh // Hkv, bh % Hkv
-        pos = tl.load(pos_ptr + b)
+        pos = tl.load(pos_ptr + b * s_pos)
         lo = tl.maximum(pos - WINDOW + 1, 0)  # WINDOW > S without a window
         rg = tl.arange(0, G_PAD)                                                 # [G]
         rd = tl.arange(0, D)
@@ -149,15 +150,14 @@ def _decode_kernels():
         seen = (rs <= pos) & (rs >= lo)                                          # [S]
         here = rs == pos  # the step's own slot: its key and value come from k_new, v_new (and are stored)
         kv_off = b * sk_b + kvh * sk_h + rs[:, None].to(tl.int64) * sk_s + rd[None, :]  # [S, D]
-        new_off = b * sn_b + kvh * sn_h + rd                                     # [D]
-        k_new = tl.load(kn_ptr + new_off)
+        k_new = tl.load(kn_ptr + b * skn_b + kvh * skn_h + rd)                   # [D]
         k = tl.load(k_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
         k = tl.where(here[:, None], k_new[None, :], k)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale      # [G, S] fp32
         scores = tl.where(seen[None, :], scores, float("-inf"))
         m = tl.max(scores, axis=1)                                               # [G]
         p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m)[:, None])       # 0 where nothing is seen
-        v_new = tl.load(vn_ptr + new_off)
+        v_new = tl.load(vn_ptr + b * svn_b + kvh * svn_h + rd)
         v = tl.load(v_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
         v = tl.where(here[:, None], v_new[None, :], v)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)               # [G, D]
@@ -202,15 +202,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
     pieces = -(-S // DECODE_SPLIT)
-    q, pos = q.contiguous(), pos.contiguous()
-    if k.stride() != v.stride() or k.stride(-1) != 1:  # one set of strides for both, unit stride along D
-        k, v = k.contiguous(), v.contiguous()
+    # any strides but a unit one along D: the step's q, k, v are views into the qkv matmul's output (a copy
+    # each would be three more kernels a layer at batch > 1, where those views are not contiguous)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("decode_attention: the key and value caches must have the same strides, unit along D")
     acc = torch.empty(B, H, pieces, D, dtype=torch.float32, device=q.device)  # unnormalised partial outputs
     ml = torch.empty(B, H, pieces, 2, dtype=torch.float32, device=q.device)  # their max and sum
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     split, merge = _decode_kernels()
     split[(B * Hkv, pieces)](q, k, v, k_cache, v_cache, pos, acc, ml, Hkv, S, window if window > 0 else S + 1,
                              1.0 / math.sqrt(D), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                             v.stride(0), v.stride(1), pos.stride(0),
                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=D, SPLIT=DECODE_SPLIT,
                              PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # fp32: no TF32

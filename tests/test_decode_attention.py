@@ -32,16 +32,19 @@ def sdpa_reference(q, k, v, pos, window):
 def test_matches_sdpa(H, Hkv, D, window):
     g = torch.Generator().manual_seed(H * 100 + D + window)
     B, S = 3, 160  # 160 slots: three pieces of 64, the last one partial
-    q = torch.randn(B, H, 1, D, generator=g)
     k = torch.randn(B + 1, Hkv, S, D, generator=g)  # the cache may hold more rows than the step uses
     v = torch.randn(B + 1, Hkv, S, D, generator=g)
-    k_new = torch.randn(B, Hkv, 1, D, generator=g)  # this step's keys and values, stored at pos
-    v_new = torch.randn(B, Hkv, 1, D, generator=g)
+    # this step's q, k, v as the model hands them over: strided views into one qkv output [B, 1, H + 2Hkv, D]
+    qkv = torch.randn(B, 1, H + 2 * Hkv, D, generator=g)
+    q = qkv[:, :, :H].transpose(1, 2)
+    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)  # stored at pos
     for positions in ([0, 63, 64], [159, 100, 5], [127, 128, 30]):
-        pos = torch.tensor(positions)
+        pos = torch.tensor([[p, -1] for p in positions])[:, 0]  # a strided view too
         k_dev, v_dev = k.clone().to(DEVICE), v.clone().to(DEVICE)
-        got = kv.decode_attention(q.to(DEVICE), k_new.to(DEVICE), v_new.to(DEVICE), k_dev, v_dev, pos.to(DEVICE),
-                                  window)
+        qkv_dev, pos_dev = qkv.to(DEVICE), torch.tensor([[p, -1] for p in positions], device=DEVICE)[:, 0]
+        q_dev = qkv_dev[:, :, :H].transpose(1, 2)
+        k_new_dev, v_new_dev = qkv_dev[:, :, H:H + Hkv].transpose(1, 2), qkv_dev[:, :, H + Hkv:].transpose(1, 2)
+        got = kv.decode_attention(q_dev, k_new_dev, v_new_dev, k_dev, v_dev, pos_dev, window)
         k_want, v_want = k.clone(), v.clone()
         rows = torch.arange(B)
         k_want[rows, :, pos] = k_new[:, :, 0]
