@@ -168,6 +168,11 @@ def bench_decode(opts) -> dict:
         "load_s": load_s, "peak_mem_gb": m.peak_memory_bytes / 1e9, "weight_gb": m.weight_bytes / 1e9,
         "read_gb_per_step": bytes_per_step / 1e9,
     }
+    if device.type == "cuda":  # what gemv's tuner picked in this process (picks vary run to run: timing noise)
+        import gemv
+        row["gemv_picks"] = {f"{op} M{M} N{N} K{K}" + (f" G{gs}" if gs else ""): "/".join(map(str, cfg))
+                             for (op, M, N, K, gs, _), (cfg, _) in sorted(gemv.tuning_log().items(), key=str)
+                             if M == gemv.row_bucket(opts.batch_size)}
     if not opts.no_ref and not opts.quant:  # transformers gets the float weights only
         ref = reference_decode(engine.model, prompt.to(device), opts.new_tokens, static_cache=device.type == "cuda")
         row.update(ref)

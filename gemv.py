@@ -331,7 +331,7 @@ _best: dict[tuple, tuple] = {}  # _key(...) -> config
 _timings: dict[tuple, dict] = {}  # the same keys -> {config: ms} measured when it was picked
 
 
-def _row_bucket(M: int) -> int:
+def row_bucket(M: int) -> int:
     return M if M <= FMA_MAX_M else _block_m(M)
 
 
@@ -339,7 +339,7 @@ def _key(op: str, M: int, N: int, K: int, group_size: int, device: torch.device)
     """Tuning is per shape and row bucket (1, 2, 3, 4, then powers of two from 16 up to 64): a chunked
     prefill of any length up to 64 rows reuses its bucket's choice instead of timing again."""
     index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-    return op, _row_bucket(M), N, K, group_size, index
+    return op, row_bucket(M), N, K, group_size, index
 
 
 def config_for(op: str, M: int, N: int, K: int, group_size: int = 0, device=None):
@@ -591,7 +591,7 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
     """Run one linear of each shape (anything with in_features/out_features: Linear, the quantized ones)
     at every row bucket, so each kernel picks its config now rather than on a request's first call of
     that shape (a server's first short prompt would otherwise wait for the timing)."""
-    buckets = sorted({_row_bucket(m) for m in range(1, MAX_M + 1)})
+    buckets = sorted({row_bucket(m) for m in range(1, MAX_M + 1)})
     seen = set()
     for m in model.modules():
         if not (hasattr(m, "in_features") and hasattr(m, "out_features")):
