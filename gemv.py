@@ -368,7 +368,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
         for c in configs:
             try:
                 launch(c)  # compiles
-                times[c] = do_bench(lambda: launch(c), warmup=5, rep=20)
+                times[c] = do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")  # robust to outliers
             except Exception as e:  # a config that does not compile or fit (shared memory) is skipped
                 times[c] = float("inf")
                 warnings.warn(f"gemv: config {c} failed for {key}: {type(e).__name__}: {str(e)[:200]}")
