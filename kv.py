@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import gemv  # pdl_supported: whether kernels may launch early (programmatic dependent launch)
+
 
 class LayerKV:
     """One layer's keys and values [B, Hkv, S, D], and whether it uses the sliding window."""
@@ -134,7 +136,7 @@ def _decode_kernels():
     def split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, Hkv, S, WINDOW, scale,
                      sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, s_pos, sk_b, sk_h, sk_s,
                      GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                     D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                     D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         # q [B, H, 1, D] (heads kvh*GROUP .. +GROUP share kv head kvh); the step's k, v [B, Hkv, 1, D];
         # the cache k, v [Bc, Hkv, S, D]
         bh = tl.program_id(0)  # b * Hkv + kvh
@@ -146,19 +148,25 @@ def _decode_kernels():
         rd = tl.arange(0, D)
         rs = piece * SPLIT + tl.arange(0, SPLIT)                                 # [S]: key slots
         h = kvh * GROUP + rg
-        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + rd[None, :], mask=rg[:, None] < GROUP, other=0.0)
         seen = (rs <= pos) & (rs >= lo)                                          # [S]
         here = rs == pos  # the step's own slot: its key and value come from k_new, v_new (and are stored)
         kv_off = b * sk_b + kvh * sk_h + rs[:, None].to(tl.int64) * sk_s + rd[None, :]  # [S, D]
-        k_new = tl.load(kn_ptr + b * skn_b + kvh * skn_h + rd)                   # [D]
+        # the cache's earlier slots were written by earlier steps: with PDL they load while the kernel
+        # before this one (which writes q, k_new, v_new) still runs, and only then does this one wait
         k = tl.load(k_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + rd[None, :], mask=rg[:, None] < GROUP, other=0.0)
+        k_new = tl.load(kn_ptr + b * skn_b + kvh * skn_h + rd)                   # [D]
+        v_new = tl.load(vn_ptr + b * svn_b + kvh * svn_h + rd)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         k = tl.where(here[:, None], k_new[None, :], k)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale      # [G, S] fp32
         scores = tl.where(seen[None, :], scores, float("-inf"))
         m = tl.max(scores, axis=1)                                               # [G]
         p = tl.exp(scores - tl.where(m == float("-inf"), 0.0, m)[:, None])       # 0 where nothing is seen
-        v_new = tl.load(vn_ptr + b * svn_b + kvh * svn_h + rd)
-        v = tl.load(v_ptr + kv_off, mask=(seen & ~here)[:, None], other=0.0)
         v = tl.where(here[:, None], v_new[None, :], v)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)               # [G, D]
         n_pieces = tl.num_programs(1)
@@ -174,16 +182,21 @@ def _decode_kernels():
         tl.store(v_ptr + slot, v_new, mask=mine)
 
     @triton.jit
-    def merge_kernel(acc_ptr, ml_ptr, o_ptr, so_b, so_h, H, PIECES, D: tl.constexpr, P_PAD: tl.constexpr):
+    def merge_kernel(acc_ptr, ml_ptr, o_ptr, so_b, so_h, H, PIECES, D: tl.constexpr, P_PAD: tl.constexpr,
+                     PDL: tl.constexpr):
         # one program per (b, head): o = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p
         bh = tl.program_id(0)
         rp = tl.arange(0, P_PAD)
         rd = tl.arange(0, D)
         in_p = rp < PIECES
+        if PDL:  # launched early (hides the launch), reads nothing before split_kernel is done
+            tl.extra.cuda.gdc_wait()
         m = tl.load(ml_ptr + (bh * PIECES + rp) * 2, mask=in_p, other=float("-inf"))
         l = tl.load(ml_ptr + (bh * PIECES + rp) * 2 + 1, mask=in_p, other=0.0)
         w = tl.exp(m - tl.max(m, axis=0))                                        # [P]
         acc = tl.load(acc_ptr + (bh * PIECES + rp)[:, None] * D + rd[None, :], mask=in_p[:, None], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)             # [D]
         b, h = bh // H, bh % H
         tl.store(o_ptr + b * so_b + h * so_h + rd, o.to(o_ptr.dtype.element_ty))
@@ -211,14 +224,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     ml = torch.empty(B, H, pieces, 2, dtype=torch.float32, device=q.device)  # their max and sum
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     split, merge = _decode_kernels()
+    pdl = q.is_cuda and gemv.pdl_supported(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    pdl_args = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     split[(B * Hkv, pieces)](q, k, v, k_cache, v_cache, pos, acc, ml, Hkv, S, window if window > 0 else S + 1,
                              1.0 / math.sqrt(D), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                              v.stride(0), v.stride(1), pos.stride(0),
                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                              GROUP=group, G_PAD=max(16, 1 << (group - 1).bit_length()), D=D, SPLIT=DECODE_SPLIT,
-                             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)  # fp32: no TF32
+                             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,  # fp32: no TF32
+                             **pdl_args)
     merge[(B * H,)](acc, ml, out, out.stride(0), out.stride(1), H, pieces, D=D,
-                    P_PAD=max(2, 1 << (pieces - 1).bit_length()), num_warps=4)
+                    P_PAD=max(2, 1 << (pieces - 1).bit_length()), num_warps=4, **pdl_args)
     return out
 
 
