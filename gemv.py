@@ -98,26 +98,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _load_x(ptrs, up_offset, mask, other, SWIGLU: tl.constexpr):
-        # x as stored; or, for a down projection reading the gate_up output, silu(gate) * up in fp32
-        # (up sits up_offset elements after its gate)
-        if SWIGLU:
-            gate = tl.load(ptrs, mask=mask, other=other).to(tl.float32)
-            up = tl.load(ptrs + up_offset, mask=mask, other=other).to(tl.float32)
-            return gate * tl.sigmoid(gate) * up
-        else:
-            return tl.load(ptrs, mask=mask, other=other)
-
-    # the kernels call it by name: Triton looks names up in the module's globals, not in this closure
-    globals()["_load_x"] = _load_x
-
-    @triton.jit
-    def fma_kernel(x_ptr, w_ptr, s_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
-                   QUANT: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, PEEL: tl.constexpr,
-                   PDL: tl.constexpr):
-        # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT) (+ r[m, n] if RESIDUAL): w bf16 or int8 [N, K],
-        # one row m per program; SWIGLU: x[m, k] = silu(x[m, k]) * x[m, K + k] (x [M, 2K], gate and up)
+    def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   STAGES: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program
         pid = tl.program_id(0)
         m = pid % M
         rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
@@ -136,7 +120,7 @@ def _kernels():
             w = tl.load(w_ptr + w_off, mask=in_k, other=0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-            x = _load_x(x_row + x_off, K, in_k, 0.0, SWIGLU)
+            x = tl.load(x_row + x_off, mask=in_k, other=0.0)
             if QUANT:
                 w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             acc += w.to(tl.float32) * x.to(tl.float32)
@@ -144,11 +128,11 @@ def _kernels():
         for k0 in tl.range(k_start, K, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 w = tl.load(w_ptr + k0 + w_off)
-                x = _load_x(x_row + k0 + x_off, K, None, None, SWIGLU)
+                x = tl.load(x_row + k0 + x_off)
             else:
                 in_k = rk[None, :] < K - k0
                 w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
-                x = _load_x(x_row + k0 + x_off, K, in_k, 0.0, SWIGLU)
+                x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
             if QUANT:  # int8 -> fp32 exactly: bits of 2^23 + 128 + q, minus 2^23 + 128
                 w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             acc += w.to(tl.float32) * x.to(tl.float32)
@@ -157,17 +141,13 @@ def _kernels():
         y = tl.sum(acc, axis=1)                                                # [BN]
         if QUANT:
             y *= tl.load(s_ptr + rn_in).to(tl.float32)
-        if RESIDUAL:
-            y += tl.load(r_ptr + m * stride_rm + rn_in).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.jit
-    def dot_kernel(x_ptr, w_ptr, s_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
-                   QUANT: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                   PEEL: tl.constexpr, PDL: tl.constexpr):
-        # y^T [BN, BM] = w [BN, BK] @ x^T [BK, BM] on tensor cores; w is the left operand (K-contiguous rows);
-        # QUANT, SWIGLU and RESIDUAL as in fma_kernel
+    def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # y^T [BN, BM] = w [BN, BK] @ x^T [BK, BM] on tensor cores; w is the left operand (K-contiguous rows)
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rn_in = tl.minimum(rn, N - 1)
@@ -183,24 +163,22 @@ def _kernels():
             w = tl.load(w_ptr + w_off, mask=in_k, other=0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-            x = _load_x(x_ptr + x_off, K, in_k, 0.0, SWIGLU).to(tl.bfloat16)
+            x = tl.load(x_ptr + x_off, mask=in_k, other=0.0)
             acc = tl.dot(w.to(tl.bfloat16), tl.trans(x), acc)
             k_start = BLOCK_K
         for k0 in tl.range(k_start, K, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 w = tl.load(w_ptr + k0 + w_off)
-                x = _load_x(x_ptr + k0 + x_off, K, None, None, SWIGLU).to(tl.bfloat16)
+                x = tl.load(x_ptr + k0 + x_off)
             else:
                 in_k = rk[None, :] < K - k0
                 w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
-                x = _load_x(x_ptr + k0 + x_off, K, in_k, 0.0, SWIGLU).to(tl.bfloat16)
+                x = tl.load(x_ptr + k0 + x_off, mask=in_k, other=0.0)
             acc = tl.dot(w.to(tl.bfloat16), tl.trans(x), acc)  # int8 -> bf16 is exact
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         if QUANT:
             acc *= tl.load(s_ptr + rn_in).to(tl.float32)[:, None]
-        if RESIDUAL:
-            acc += tl.load(r_ptr + rm_in[None, :] * stride_rm + rn_in[:, None]).to(tl.float32)
         y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
@@ -450,36 +428,24 @@ def _block_m(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] (gate, up side by side) -> silu(gate) * up [..., F], as model.FeedForward computes it."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _run_dense(x2, w, scales, cfg, residual=None, swiglu_x=False):
-    """bf16 (scales None) or int8 through fma_kernel / dot_kernel with config cfg -> y bf16 [M, N];
-    + residual [M, N] if given; swiglu_x: x2 is [M, 2K], gate and up, and x = silu(gate) * up."""
+def _run_dense(x2, w, scales, cfg):
+    """bf16 (scales None) or int8 through fma_kernel / dot_kernel with config cfg -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages = cfg
     quant = scales is not None
     if kernel == "dequant":
-        x2 = silu_mul(x2) if swiglu_x else x2
-        if quant:
-            y = F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16)
-            return y if residual is None else residual + y
-        return F.linear(x2, w) if residual is None else torch.addmm(residual, x2, w.t())  # cuBLAS adds it
-    M = x2.shape[0]
-    N, K = w.shape
+        return F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16) if quant else F.linear(x2, w)
+    M, K = x2.shape
+    N = w.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
-    common = dict(QUANT=quant, SWIGLU=swiglu_x, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                  EVEN_K=K % block_k == 0, STAGES=stages, num_warps=warps, num_stages=stages,
-                  **_pdl_args(x2.device))
+    common = dict(QUANT=quant, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, STAGES=stages,
+                  num_warps=warps, num_stages=stages, **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
-    r = residual if residual is not None else y  # and for no residual
-    args = (x2, w, s, r, y, M, N, K, x2.stride(0), w.stride(0), r.stride(0), y.stride(0))
     if kernel == "fma":
-        _kernels()["fma"][_grid_rows(kernel, M, N, block_n)](*args, **common)
+        _kernels()["fma"][_grid_rows(kernel, M, N, block_n)](
+            x2, w, s, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0), **common)
     else:
-        _kernels()["dot"][_grid_rows(kernel, M, N, block_n)](*args, BLOCK_M=_block_m(M), **common)
+        _kernels()["dot"][_grid_rows(kernel, M, N, block_n)](
+            x2, w, s, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0), BLOCK_M=_block_m(M), **common)
     return y
 
 
@@ -521,60 +487,50 @@ def int4_dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size
     return w.reshape(N, K).to(torch.bfloat16)
 
 
-def _check(x2, w, n_cols, residual=None, swiglu_x=False):
+def _check(x2, w, n_cols):
     if x2.dtype != torch.bfloat16 or x2.dim() != 2:
         raise ValueError(f"gemv: x must be bf16 [M, K], got {x2.dtype} {list(x2.shape)}")
-    if x2.shape[1] != n_cols * (2 if swiglu_x else 1):
-        raise ValueError(f"gemv: x has {x2.shape[1]} columns, the weight {n_cols}{' (x2 for swiglu)' if swiglu_x else ''}")
+    if x2.shape[1] != n_cols:
+        raise ValueError(f"gemv: x has {x2.shape[1]} columns, the weight {n_cols}")
     if not w.is_contiguous():
         raise ValueError("gemv: the weight must be contiguous")
-    if residual is not None and (residual.shape != (x2.shape[0], w.shape[0]) or residual.dtype != torch.bfloat16
-                                 or residual.stride(1) != 1):
-        raise ValueError(f"gemv: residual must be bf16 [M, N] = {[x2.shape[0], w.shape[0]]} with unit column stride, "
-                         f"got {residual.dtype} {list(residual.shape)}")
-
-
-def _dense(op, x2, w, scales, residual, swiglu_x):
-    """The body of bf16_linear / int8_linear: checks, the tuned config, the launch."""
-    _check(x2, w, w.shape[1], residual, swiglu_x)
-    M, K = x2.shape[0], w.shape[1]
-    if M > MAX_M or M == 0 or not available(x2):  # prefill: compute-bound, cuBLAS (on a bf16 copy for int8)
-        return _run_dense(x2, w, scales, DEQUANT, residual, swiglu_x)
-    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    # the fused variants are timed on their own: computing silu(gate) * up per weight tile costs the fma
-    # kernels more than the dot kernels (which compute it once per tile of x)
-    variant = op + ("+swiglu" if swiglu_x else "") + ("+residual" if residual is not None else "")
-    key = _key(variant, M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates(op, M, K), lambda c: _run_dense(x2, w, scales, c, residual, swiglu_x), x2.device)
-    return _run_dense(x2, w, scales, cfg, residual, swiglu_x)
 
 
 # ---------------------------------------------------------------- the custom ops
-# residual: y + residual in the same kernel (the block's residual add); swiglu: x holds [gate, up] and the
-# kernel multiplies by silu(gate) * up (a down projection reading the gate_up output): decode then runs
-# the two as part of the matmul instead of as two more small kernels per layer.
 
 @torch.library.custom_op("flint::bf16_linear", mutates_args=())
-def bf16_linear(x2: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
-                swiglu: bool = False) -> torch.Tensor:
-    """x2 bf16 [M, K] (or [M, 2K] with swiglu) @ w bf16 [N, K]^T (+ residual bf16 [M, N]) -> bf16 [M, N]."""
-    return _dense("bf16", x2, w, None, residual, swiglu)
+def bf16_linear(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N]."""
+    _check(x2, w, w.shape[1])
+    M, K = x2.shape
+    if M > MAX_M or M == 0 or not available(x2):
+        return _run_dense(x2, w, None, DEQUANT)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    key = _key("bf16", M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("bf16", M, K), lambda c: _run_dense(x2, w, None, c), x2.device)
+    return _run_dense(x2, w, None, cfg)
 
 
 @bf16_linear.register_fake
-def _(x2, w, residual=None, swiglu=False):
+def _(x2, w):
     return x2.new_empty(x2.shape[0], w.shape[0])
 
 
 @torch.library.custom_op("flint::int8_linear", mutates_args=())
-def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor | None = None,
-                swiglu: bool = False) -> torch.Tensor:
-    """x2 bf16 [M, K] (or [M, 2K] with swiglu) @ (w int8 [N, K] * scales bf16 [N])^T (+ residual) -> bf16 [M, N]."""
-    return _dense("int8", x2, w, scales, residual, swiglu)
+def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N]."""
+    _check(x2, w, w.shape[1])
+    M, K = x2.shape
+    if M > MAX_M or M == 0 or not available(x2):  # prefill: compute-bound, cuBLAS on a bf16 copy
+        return _run_dense(x2, w, scales, DEQUANT)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    key = _key("int8", M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("int8", M, K), lambda c: _run_dense(x2, w, scales, c), x2.device)
+    return _run_dense(x2, w, scales, cfg)
 
 
 @int8_linear.register_fake
-def _(x2, w, scales, residual=None, swiglu=False):
+def _(x2, w, scales):
     return x2.new_empty(x2.shape[0], w.shape[0])
 
 
@@ -607,23 +563,15 @@ def _(x2, packed, scales_zeros, group_size):
 
 class Linear(torch.nn.Linear):
     """nn.Linear whose few-row calls (decode) go through bf16_linear: the same parameters, so it keeps
-    ties and state-dict names. Anything else (prefill, other dtypes) is F.linear.
-    forward(x, residual, swiglu=True) computes residual + linear(silu(gate) * up) from x = [gate, up]:
-    model.FeedForward asks for that when fuses_swiglu is set."""
+    ties and state-dict names. Anything else (prefill, other dtypes) is F.linear."""
 
-    fuses_swiglu = True
-
-    def forward(self, x, residual=None, swiglu=False):
+    def forward(self, x):
         rows = x.numel() // x.shape[-1]
         if rows > MAX_M or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
-            y = F.linear(silu_mul(x) if swiglu else x, self.weight, self.bias)
-            return y if residual is None else residual + y
-        fuse = residual is not None and self.bias is None and residual.dtype == torch.bfloat16
-        r = residual.reshape(rows, self.out_features) if fuse else None
-        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, r, swiglu)
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        y = y + self.bias if self.bias is not None else y
-        return residual + y if residual is not None and not fuse else y
+        return y + self.bias if self.bias is not None else y
 
 
 def use_for_linears(model: torch.nn.Module) -> int:
@@ -645,18 +593,12 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
     that shape (a server's first short prompt would otherwise wait for the timing)."""
     buckets = sorted({row_bucket(m) for m in range(1, MAX_M + 1)})
     seen = set()
-    for name, m in model.named_modules():
+    for m in model.modules():
         if not (hasattr(m, "in_features") and hasattr(m, "out_features")):
             continue
-        # model.FeedForward calls a down projection that fuses_swiglu as m([gate, up], residual, swiglu=True)
-        fused = name.endswith("down_proj") and getattr(m, "fuses_swiglu", False)
-        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None), fused)
+        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None))
         if shape in seen:  # tuning is keyed by shape: the other layers would only repeat it
             continue
         seen.add(shape)
         for rows in buckets:
-            if fused:
-                m(torch.zeros(rows, 2 * m.in_features, dtype=dtype, device=device),
-                  residual=torch.zeros(rows, m.out_features, dtype=dtype, device=device), swiglu=True)
-            else:
-                m(torch.zeros(rows, m.in_features, dtype=dtype, device=device))
+            m(torch.zeros(rows, m.in_features, dtype=dtype, device=device))

@@ -224,7 +224,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     ml = torch.empty(B, H, pieces, 2, dtype=torch.float32, device=q.device)  # their max and sum
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     split, merge = _decode_kernels()
-    pdl = q.is_cuda and gemv.pdl_supported(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    pdl = (q.is_cuda and os.environ.get("FLINT_ATTN_PDL", "1") != "0"
+           and gemv.pdl_supported(q.device.index if q.device.index is not None else torch.cuda.current_device()))
     pdl_args = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     split[(B * Hkv, pieces)](q, k, v, k_cache, v_cache, pos, acc, ml, Hkv, S, window if window > 0 else S + 1,
                              1.0 / math.sqrt(D), q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -252,16 +252,9 @@ class FeedForward(nn.Module):
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # gate and up, one matmul
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
-    def forward(self, x, residual=None):
-        """SwiGLU: down(silu(gate) * up), plus residual if given."""
-        gate_up = self.gate_up_proj(x)  # [B, T, 2 * ffn_dim]
-        if getattr(self.down_proj, "fuses_swiglu", False):
-            # gemv.Linear and the int8 linears on a GPU: SiLU, product and residual add run inside the
-            # matmul kernel (a decode step then launches two small kernels fewer per layer)
-            return self.down_proj(gate_up, residual=residual, swiglu=True)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = self.down_proj(F.silu(gate) * up)
-        return y if residual is None else residual + y
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -274,7 +267,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, kv, meta):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv, meta)
-        return self.mlp(self.post_attention_layernorm(h), residual=h)  # h + mlp(norm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 def run_layers(layers, x, cos, sin, input_pos, kv_layers, meta):

@@ -146,7 +146,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.gemv = use_gemv(device)
-        self.fuses_swiglu = self.gemv  # model.FeedForward: forward(gate_up, residual, swiglu=True), one kernel
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -165,25 +164,16 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
 
-    def forward(self, x, residual=None, swiglu=False):
-        if self.gemv:  # residual + (silu(gate) * up if swiglu else x) @ W^T inside the kernel
-            fuse = residual is not None and self.bias is None and residual.dtype == SCALE_DTYPE
-            x2 = x.reshape(-1, x.shape[-1]).to(SCALE_DTYPE)  # [M, K] or [M, 2K]
-            r = residual.reshape(-1, self.out_features) if fuse else None
-            y = torch.ops.flint.int8_linear(x2, self.weight, self.scales, r, swiglu)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            y = y + self.bias if self.bias is not None else y
-            return residual + y if residual is not None and not fuse else y
-        if swiglu:
-            x = gemv.silu_mul(x)
+    def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.device.type == "cuda":  # without Triton: dequantize, then cuBLAS
+        if self.gemv:
+            y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales)
+        elif x.device.type == "cuda":  # without Triton: dequantize, then cuBLAS
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        y = y + self.bias if self.bias is not None else y
-        return y if residual is None else residual + y
+        return y + self.bias if self.bias is not None else y
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

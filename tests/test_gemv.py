@@ -124,66 +124,6 @@ def test_peeled_first_step_every_config(monkeypatch, op, M, N, K):
             close(gemv._run_dense(x, w, scales, cfg), ref)
 
 
-@pytest.mark.parametrize("peel", [False, True])
-@pytest.mark.parametrize("op", ["bf16", "int8"])
-@pytest.mark.parametrize("M,N,K", SHAPES)
-def test_swiglu_and_residual_inside_every_config(monkeypatch, peel, op, M, N, K):
-    # a down projection reading [gate, up] and adding the residual in its epilogue (model.FeedForward on a
-    # GPU): residual + (silu(gate) * up) @ W^T, against the fp32 reference; every flag alone too
-    monkeypatch.setattr(gemv, "_PEEL_WITHOUT_PDL", peel)
-    x, w = problem(M, N, K)
-    g = torch.Generator().manual_seed(1)
-    gate_up = torch.randn(M, 2 * K, generator=g).to(torch.bfloat16)
-    residual = (4 * torch.randn(M, N, generator=g)).to(torch.bfloat16)
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    act = torch.nn.functional.silu(gate) * up
-    if op == "bf16":
-        w, scales = w.to(torch.bfloat16), None
-        w_real = w.float()
-    else:
-        w, scales = Q.int8_quantize(w)
-        w_real = w.float() * scales.float()[:, None]
-        scales = scales.to(DEVICE)
-    w, gate_up_d, x_d, residual_d = w.to(DEVICE), gate_up.to(DEVICE), x.to(DEVICE), residual.to(DEVICE)
-
-    def cases(cfg):
-        # the kernels take silu(gate) * up in fp32; DEQUANT (torch ops, as the eager model) rounds it to bf16
-        a = gemv.silu_mul(gate_up).float() if cfg == gemv.DEQUANT else act
-        return [(gate_up_d, True, residual_d, residual.float() + a @ w_real.t()),
-                (gate_up_d, True, None, a @ w_real.t()),
-                (x_d, False, residual_d, residual.float() + x.float() @ w_real.t())]
-
-    for cfg in gemv.candidates(op, M, K):
-        for xin, swiglu, r, ref in cases(cfg):
-            close(gemv._run_dense(xin, w, scales, cfg, r, swiglu), ref)
-    op_fn = gemv.bf16_linear if op == "bf16" else lambda *a: gemv.int8_linear(a[0], a[1], scales, *a[2:])
-    for xin, swiglu, r, ref in cases(gemv.candidates(op, M, K)[0]):  # untimed here: the op takes the first
-        close(op_fn(xin, w, r, swiglu), ref)
-
-
-def test_fused_linears_in_a_model_match_the_plain_modules():
-    """model.FeedForward hands gemv.Linear / Int8Linear (gemv layout) the gate_up output and the residual:
-    a bf16 block gives the same output as with plain nn.Linear, at decode rows and at prefill rows."""
-    import copy
-
-    from model import Block, ModelArgs
-
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=96)
-    block = Block(args, 0).to(DEVICE, torch.bfloat16)
-    fused = copy.deepcopy(block)
-    assert gemv.use_for_linears(fused) == 4 and fused.mlp.down_proj.fuses_swiglu
-    for T in (1, 70):  # 70 rows: past MAX_M, the torch fallback of the same call
-        x = torch.randn(1, T, 64, device=DEVICE, dtype=torch.bfloat16)
-        h = x + 0.5
-        with torch.no_grad():
-            want, got = block.mlp(h, residual=x), fused.mlp(h, residual=x)
-            plain = x + block.mlp(h)
-        assert torch.equal(want, plain)
-        err = (got.float() - want.float()).abs().max()
-        assert err <= 2 ** -6 * want.float().abs().max(), err
-
-
 def int4_problem(M, N, K, group_size):
     x, w = problem(M, N, K)
     scales, zeros = Q.int4_grid(w, group_size)
@@ -239,10 +179,8 @@ def test_opcheck():
     x, packed, sz, _ = int4_problem(2, 32, 128, 64)
     q, scales = (t.to(DEVICE) for t in Q.int8_quantize(torch.randn(32, 128)))
     ops = torch.ops.flint
-    gate_up, residual = torch.cat([x, x], dim=1), torch.randn(2, 32, dtype=torch.bfloat16, device=DEVICE)
     for op, args in ((ops.int8_linear, (x, q, scales)), (ops.bf16_linear, (x, q.to(torch.bfloat16))),
-                     (ops.int4_linear, (x, packed, sz, 64)), (ops.bf16_linear, (gate_up, q.to(torch.bfloat16), residual, True)),
-                     (ops.int8_linear, (gate_up, q, scales, residual, True))):
+                     (ops.int4_linear, (x, packed, sz, 64))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
