@@ -183,52 +183,94 @@ def _kernels():
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
     @triton.jit
-    def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
-                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                        STAGES: tl.constexpr):
+    def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
+                        stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                        PEEL: tl.constexpr, PDL: tl.constexpr):
         # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
-        # A step is a [BN, NG groups, WG words per group] tile; one row m of x per program.
-        NG: tl.constexpr = BLOCK_K // GROUP
-        WG: tl.constexpr = GROUP // 8
+        # Program (block of BN rows of W, row m of x) x split s: groups s*per .. (s+1)*per - 1, one group a
+        # step (words [BN, W], W = G/8: a thread holds a few rows of the same words, so each x it loads
+        # serves all of them). F128 = 0x43000000, F2048 = 0x45000000 arrive as runtime values so that
+        # (v & mask) | F is one LOP3 (ptxas takes one immediate per instruction).
+        W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
+        s = tl.program_id(1)
         m = pid % M
-        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
         rn_in = tl.minimum(rn, N - 1)
-        rg = tl.arange(0, NG)
-        word = rg[None, :, None] * WG + tl.arange(0, WG)[None, None, :]          # [1, NG, WG]
-        p_off = rn_in[:, None, None].to(tl.int64) * stride_pn + word             # [BN, NG, WG]
-        x_off = 0 * rn_in[:, None, None] + 8 * word                              # [BN, NG, WG]: x[8w]
-        sz_off = rn_in[:, None].to(tl.int64) * stride_szn + rg[None, :]          # [BN, NG]
+        rw = tl.arange(0, W)
+        p_off = rn_in[:, None].to(tl.int64) * stride_pn + rw[None, :]           # [BN, W]
+        sz_row = sz_ptr + rn_in.to(tl.int64) * stride_szn                         # [BN]
         x_row = x_ptr + m * stride_xm
         n_groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, NG), tl.float32)
-        for g0 in tl.range(0, n_groups, NG, num_stages=STAGES):
-            if EVEN_K:
-                words = tl.load(p_ptr + g0 * WG + p_off)
-                sz = tl.load(sz_ptr + g0 + sz_off)
-            else:
-                in_g = (g0 + rg) < n_groups
-                words = tl.load(p_ptr + g0 * WG + p_off, mask=in_g[None, :, None], other=0)
-                sz = tl.load(sz_ptr + g0 + sz_off, mask=in_g[None, :], other=0)
-            x_k = x_row + g0 * GROUP
-            qx = tl.zeros((BLOCK_N, NG, WG), tl.float32)  # per word: sum of its 8 (128 + q) x
-            xs = tl.zeros((BLOCK_N, NG, WG), tl.float32)  # per word: sum of its 8 x (the same for every row)
+        per = tl.cdiv(n_groups, SPLIT)
+        g_lo = s * per
+        g_hi = tl.minimum(g_lo + per, n_groups)
+        # the first group's words and scales: W and its scales are never written, so with PDL they load
+        # while the previous kernel (which writes x) still runs; each step then loads the next group's
+        # before computing this one (two groups in flight per program). Past the split's end that is the
+        # next split's first group (or the last one again), read from L2 and not used: no masks needed.
+        g_first = tl.minimum(g_lo, n_groups - 1)
+        words = tl.load(p_ptr + g_first * W + p_off)
+        sz = tl.load(sz_row + g_first)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = tl.zeros((BLOCK_N, W), tl.float32)
+        zacc = tl.zeros((BLOCK_N,), tl.float32)
+        for g in range(g_lo, g_hi):
+            g_next = tl.minimum(g + 1, n_groups - 1)
+            next_words = tl.load(p_ptr + g_next * W + p_off)
+            next_sz = tl.load(sz_row + g_next)
+            # nibble j moved to bits 16..19 reads as 128 + q in fp32 (| F128), to bits 12..15 as 2048 + q
+            # (| F2048): four shifts place all eight
+            hi8 = words >> 8
+            lo8 = words << 8
+            xv = tl.zeros((W,), tl.float32)    # per word: sum of its 8 x
+            cx = tl.zeros((W,), tl.float32)    # per word: sum of its 8 (128 or 2048) x
+            part = tl.zeros((BLOCK_N, W), tl.float32)
             for j in tl.static_range(8):
-                if EVEN_K:
-                    x = tl.load(x_k + x_off + j).to(tl.float32)
+                xj = tl.load(x_row + g * GROUP + 8 * rw + j).to(tl.float32)     # [W]: x[8w + j]
+                if j == 0:
+                    v = ((words << 16) & 0x000F0000) | F128
+                elif j == 1:
+                    v = (lo8 & 0x0000F000) | F2048
+                elif j == 2:
+                    v = (lo8 & 0x000F0000) | F128
+                elif j == 3:
+                    v = (words & 0x0000F000) | F2048
+                elif j == 4:
+                    v = (words & 0x000F0000) | F128
+                elif j == 5:
+                    v = (hi8 & 0x0000F000) | F2048
+                elif j == 6:
+                    v = (hi8 & 0x000F0000) | F128
                 else:
-                    x = tl.load(x_k + x_off + j, mask=in_g[None, :, None], other=0.0).to(tl.float32)
-                if j < 4:
-                    nib = (words << (16 - 4 * j)) & 0x000F0000
-                else:
-                    nib = (words >> (4 * j - 16)) & 0x000F0000
-                qx += (nib | 0x43000000).to(tl.float32, bitcast=True) * x          # (128 + q) * x
-                xs += x
-            s = (sz << 16).to(tl.float32, bitcast=True)                              # [BN, NG]
-            z = (sz & -65536).to(tl.float32, bitcast=True)
-            acc += s * tl.sum(qx, axis=2) + (z - 136.0 * s) * tl.sum(xs, axis=2)
-        y = tl.sum(acc, axis=1)
-        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+                    v = ((words >> 16) & 0x0000F000) | F2048
+                part += v.to(tl.float32, bitcast=True) * xj[None, :]
+                xv += xj
+                cx += (2048.0 if j % 2 == 1 else 128.0) * xj
+            # sum_k w_k x_k = s (part - sum cx) + (z - 8 s) sum x, with w = (q - 8) s + z
+            scale = (sz << 16).to(tl.float32, bitcast=True)
+            zero = (sz & -65536).to(tl.float32, bitcast=True)
+            acc += scale[:, None] * part
+            zacc += (zero - 8.0 * scale) * tl.sum(xv, axis=0) - scale * tl.sum(cx, axis=0)
+            words, sz = next_words, next_sz
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        y = tl.sum(acc, axis=1) + zacc                                            # [BN] fp32
+        if SPLIT == 1:
+            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+        else:
+            # each split stores its partial sums; the last of the SPLIT programs of this (block, m) to
+            # finish adds them up, stores y and sets the counter back to 0 for the next call
+            tl.store(part_ptr + (s * M + m) * N + rn, y, mask=rn < N)
+            tl.debug_barrier()  # every thread's store before the counter moves
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                total = tl.zeros((BLOCK_N,), tl.float32)
+                for t in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
+                tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
     def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
@@ -297,9 +339,11 @@ _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 
              _cfg("fma", 8, 1024, 8, 3), _cfg("fma", 8, 512, 2, 4), _cfg("fma", 16, 256, 4, 5)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
         _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3)]
-_FMA_INT4 = [_cfg("int4_fma", 16, 512, 4, 1), _cfg("int4_fma", 16, 1024, 2, 1), _cfg("int4_fma", 32, 512, 2, 1),
-             _cfg("int4_fma", 8, 512, 1, 1), _cfg("int4_fma", 16, 1024, 4, 1), _cfg("int4_fma", 8, 1024, 2, 1),
-             _cfg("int4_fma", 16, 512, 2, 3)]
+# int4_fma: (kernel, BLOCK_N, K split, warps, 1): llama-3-8b's N = 4096 needs a split (32 rows a program
+# would be only 128 programs of one warp); a split's partial sums meet in a small fp32 workspace
+_FMA_INT4 = [_cfg("int4_fma", 32, 4, 1, 1), _cfg("int4_fma", 64, 1, 1, 1), _cfg("int4_fma", 32, 1, 1, 1),
+             _cfg("int4_fma", 32, 2, 1, 1), _cfg("int4_fma", 32, 8, 1, 1), _cfg("int4_fma", 64, 4, 1, 1),
+             _cfg("int4_fma", 64, 2, 2, 1), _cfg("int4_fma", 16, 4, 1, 1), _cfg("int4_fma", 64, 8, 2, 1)]
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
@@ -311,7 +355,7 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
     """The configs _pick chooses from for op ("bf16", "int8", "int4") and M rows; the first is the default
     (used without timing under the interpreter, with FLINT_GEMV_TUNE=0, or in a CUDA graph capture)."""
     if op == "int4":
-        fma = [c for c in _FMA_INT4 if c[2] % group_size == 0]  # whole groups per step
+        fma = _FMA_INT4
         dot = _DOT_INT4
     else:
         fma = _FMA_BF16 if op == "bf16" else _FMA_INT8
@@ -378,7 +422,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
         # H200 profiles of the llama-3-8b step gave 4.69 ms with cuBLAS split-K picked for o_proj and
         # down_proj and no PDL, 4.24 ms with fma kernels everywhere and PDL).
         handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") else 1.0
-        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "dot") else handicap))
+        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "dot", "int4_fma") else handicap))
         _timings[key] = times
     _best[key] = cfg
     return cfg
@@ -449,6 +493,22 @@ def _run_dense(x2, w, scales, cfg):
     return y
 
 
+_split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, size) -> (partials, counters)
+
+
+def _split_workspace(device: torch.device, n_part: int, n_count: int):
+    """fp32 partial sums and int32 counters for int4_fma's K split: counters start at 0 and every call
+    leaves them at 0, so one zeroed buffer per device serves every call (kernels of a stream run one
+    after another; with PDL a kernel touches them only after its gdc_wait)."""
+    key = (str(device),)
+    part, count = _split_buffers.get(key, (None, None))
+    if part is None or part.numel() < n_part or count.numel() < n_count:
+        part = torch.empty(max(n_part, 1 << 20), dtype=torch.float32, device=device)
+        count = torch.zeros(max(n_count, 1 << 16), dtype=torch.int32, device=device)
+        _split_buffers[key] = (part, count)
+    return part, count
+
+
 def _run_int4(x2, packed, scales_zeros, group_size, cfg):
     """int4 through int4_fma_kernel / int4_dot_kernel with config cfg -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages = cfg
@@ -460,10 +520,14 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
     sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
     if kernel == "int4_fma":
         words = packed.view(torch.int32)  # [N, K / 8]
-        _kernels()["int4_fma"][_grid_rows(kernel, M, N, block_n)](
-            x2, words, sz, y, M, N, K, x2.stride(0), words.stride(0), sz.stride(0), y.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=(K // group_size) % (block_k // group_size) == 0,
-            STAGES=stages, num_warps=warps, num_stages=stages)
+        split = block_k
+        grid = _grid_rows(kernel, M, N, block_n)
+        part, count = _split_workspace(x2.device, split * M * N, grid[0])
+        pdl = _pdl_args(x2.device)
+        _kernels()["int4_fma"][(grid[0], split)](
+            x2, words, sz, y, part, count, M, N, K, x2.stride(0), words.stride(0), sz.stride(0), y.stride(0),
+            0x43000000, 0x45000000, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=1,
+            **pdl)
     else:
         _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
