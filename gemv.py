@@ -227,8 +227,17 @@ def _kernels():
             xv = tl.zeros((W,), tl.float32)    # per word: sum of its 8 x
             cx = tl.zeros((W,), tl.float32)    # per word: sum of its 8 (128 or 2048) x
             part = tl.zeros((BLOCK_N, W), tl.float32)
+            # x of the group as [W, 8] (16-byte loads), split into its 8 columns xs[j] = x[8w + j], [W] each
+            xt = tl.load(x_row + g * GROUP + 8 * rw[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(xt, (W, 4, 2)))                  # j = 0, 2, 4, 6 / 1, 3, 5, 7
+            x04, x26 = tl.split(tl.reshape(x_even, (W, 2, 2)))                  # [W, 2]: j = 0, 4 / 2, 6
+            x15, x37 = tl.split(tl.reshape(x_odd, (W, 2, 2)))
+            x0, x4 = tl.split(x04)
+            x2, x6 = tl.split(x26)
+            x1, x5 = tl.split(x15)
+            x3, x7 = tl.split(x37)
             for j in tl.static_range(8):
-                xj = tl.load(x_row + g * GROUP + 8 * rw + j).to(tl.float32)     # [W]: x[8w + j]
+                xj = (x0, x1, x2, x3, x4, x5, x6, x7)[j]
                 if j == 0:
                     v = ((words << 16) & 0x000F0000) | F128
                 elif j == 1:
@@ -343,7 +352,8 @@ _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 
 # would be only 128 programs of one warp); a split's partial sums meet in a small fp32 workspace
 _FMA_INT4 = [_cfg("int4_fma", 32, 4, 1, 1), _cfg("int4_fma", 64, 1, 1, 1), _cfg("int4_fma", 32, 1, 1, 1),
              _cfg("int4_fma", 32, 2, 1, 1), _cfg("int4_fma", 32, 8, 1, 1), _cfg("int4_fma", 64, 4, 1, 1),
-             _cfg("int4_fma", 64, 2, 2, 1), _cfg("int4_fma", 16, 4, 1, 1), _cfg("int4_fma", 64, 8, 2, 1)]
+             _cfg("int4_fma", 64, 2, 2, 1), _cfg("int4_fma", 16, 4, 1, 1), _cfg("int4_fma", 64, 8, 2, 1),
+             _cfg("int4_fma", 32, 16, 1, 1), _cfg("int4_fma", 64, 16, 2, 1)]
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
