@@ -26,24 +26,34 @@ Dequantizing without int->float conversion instructions (16 per clock per SM on 
 the FP32 FMA rate, too slow for the 18-36 weights per clock per SM that 4.2 TB/s over 132 SMs brings): OR-ing
 a small integer into the mantissa of a float constant gives that float plus the integer, exactly.
   int8   (q + 0x4B000080) as fp32 bits = 2^23 + 128 + q, minus (2^23 + 128) = q.
-  int4   nibble shifted to bits 16..19, | 0x43000000 = 128 + q (fp32). Per group g of G columns
-         sum_k w_k x_k = s * sum_k (128 + q_k) x_k + (z - 136 s) * sum_k x_k, so per weight the work is a
-         shift, an AND/OR and one FMA; scales apply once per group. (128 loses ~5 of fp32's 24 bits to the
-         cancellation; the output is bf16, 8 bits.)
+  int4   a nibble at bits 16..19, | 0x43000000, reads as 128 + q (fp32); at bits 12..15, | 0x45000000, as
+         2048 + q. Four shifts of a word (<< 16, << 8, >> 8, >> 16, and the word itself) put each of its
+         eight nibbles at one of the two places, so per weight the work is half a shift, one LOP3 (AND and
+         OR in one instruction) and one FMA. Per group g of G columns, with c_k = 128 or 2048:
+         sum_k w_k x_k = s * (sum_k (c_k + q_k) x_k - sum_k c_k x_k) + (z - 8 s) * sum_k x_k; scales
+         apply once per group. (2048 costs ~11 of fp32's 24 bits to the cancellation; the output is bf16.)
 
 Kernels (a config names one; the first call for a shape times the candidates, see _pick):
   fma    one program = one row m of x and BLOCK_N rows of W (grid M * N/BLOCK_N, programs of one weight
          tile adjacent so that rows m > 0 find it in L2). Products in fp32 FMAs, summed at the end (bf16,
          int8) or per group (int4). For M = 1 (and a few rows).
+         int4_fma takes one group a step on a [BLOCK_N, G/8 words] tile (a thread holds a few rows of the
+         same words, so the x it loads serves all of them), loads the next group's words before this one's
+         math, and splits K over SPLIT programs (its config's third number): llama-3-8b's N = 4096 with 32
+         or 64 rows a program is too few one-warp programs to keep enough loads in flight. The SPLIT
+         partial sums meet in an fp32 workspace; the last program of a row block to finish (an atomic
+         counter, left at 0 for the next call) adds them and stores y.
   dot    one program = all M rows (padded to a power of two >= 16) and BLOCK_N rows of W, tensor cores via
          tl.dot: reads W once for any M. The int4 one takes a group per step, even and odd columns of x
          against the low and high nibbles (two dots, no interleave), bf16 128 + q as the weights.
 Rows of W past N are clamped to N - 1 (loads stay in bounds, the store is masked), so N need not divide by
-BLOCK_N; K need not divide by BLOCK_K (masked tail; int4 needs K % G == 0, as Int4Linear pads). No split-K:
-llama-3-8b's smallest N (4096) gives 256-512 programs (BLOCK_N 16-8) for 132 SMs already.
-Compiled for sm_90 (Triton 3.7-3.9) the fma loops issue ~3.5 (bf16), ~4.8 (int8), ~4.3-5.9 (int4)
-instructions per weight against 128 per clock per SM: bf16 and int8 stay memory-bound, int4 is near the
-issue limit at full bandwidth.
+BLOCK_N; K need not divide by BLOCK_K (masked tail; int4 needs K % G == 0, as Int4Linear pads).
+Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner loop, pointers and strides
+16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.8-5.3 (int8) and
+~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite) instructions per weight, against 4 (int4), 8
+(int8) and 16 (bf16) per weight at which 4.2 TB/s over 132 SMs would saturate their issue. On the H200 the
+int4 kernel still reads only 0.29-0.48 of copy bandwidth per shape (tinygemm 0.30-0.44): it is bound by
+loads in flight, not by instructions.
 
 Candidates: M = 1 the fma configs (and one dot), 2..4 rows both, 5..16 dot, 17..64 (continuous batching's
 decode batches) dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear,

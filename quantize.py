@@ -202,8 +202,9 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = math.ceil(in_features / group_size) * group_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        # On the H200 (triton 3.6) our int4 kernel reads 0.15-0.29 of copy bandwidth, tinygemm 0.31-0.48:
-        # tinygemm stays the default until the kernel beats it (FLINT_GEMV_INT4=1 selects it; see BENCHMARKS.md)
+        # On the H200 (triton 3.6) our int4 kernel reads 0.29-0.48 of copy bandwidth per layer shape, tinygemm
+        # 0.30-0.44, but its first-call tuning picks vary from process to process (decode 301-353 tok/s against
+        # tinygemm's 373): tinygemm stays the default (FLINT_GEMV_INT4=1 selects ours; see BENCHMARKS.md)
         int4_gemv = use_gemv(dev) and os.environ.get("FLINT_GEMV_INT4", "0") == "1"
         self.layout = "gemv" if int4_gemv else "tinygemm" if dev.type == "cuda" else "cpu"
         n_groups = self.k_padded // group_size
