@@ -513,14 +513,15 @@ def _run_dense(x2, w, scales, cfg):
     return y
 
 
-_split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, size) -> (partials, counters)
+_split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, stream) -> (partials, counters)
 
 
 def _split_workspace(device: torch.device, n_part: int, n_count: int):
     """fp32 partial sums and int32 counters for int4_fma's K split: counters start at 0 and every call
-    leaves them at 0, so one zeroed buffer per device serves every call (kernels of a stream run one
-    after another; with PDL a kernel touches them only after its gdc_wait)."""
-    key = (str(device),)
+    leaves them at 0, so one zeroed buffer per device and stream serves every call (kernels of a stream
+    run one after another; with PDL a kernel touches them only after its gdc_wait)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
     part, count = _split_buffers.get(key, (None, None))
     if part is None or part.numel() < n_part or count.numel() < n_count:
         part = torch.empty(max(n_part, 1 << 20), dtype=torch.float32, device=device)

@@ -143,6 +143,18 @@ def test_int4_every_config(M, group_size):
     close(gemv.int4_linear(x, packed, sz, group_size), ref)
 
 
+def test_int4_k_split_leaves_its_counters_at_zero():
+    # int4_fma with a K split: the last program of each row block adds the partial sums and resets its
+    # counter, so a second call (and a graph replay) starts from zero and gives the same result
+    M, G = 3, 32
+    x, packed, sz, ref = int4_problem(M, 97, 320, G)  # 10 groups over 4 splits: 3, 3, 3, 1
+    cfg = ("int4_fma", 32, 4, 1, 1)
+    first = gemv._run_int4(x, packed, sz, G, cfg)
+    close(first, ref)
+    assert torch.equal(gemv._run_int4(x, packed, sz, G, cfg), first)
+    assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+
+
 def test_prefill_rows_fall_back_to_dequantize_and_matmul():
     M, N, K, G = 70, 48, 256, 64  # M > MAX_M
     x, packed, sz, ref = int4_problem(M, N, K, G)
