@@ -170,9 +170,9 @@ def bench_decode(opts) -> dict:
     }
     if device.type == "cuda":  # what gemv's tuner picked in this process (picks vary run to run: timing noise)
         import gemv
-        row["gemv_picks"] = {f"{op} M{M} N{N} K{K}" + (f" G{gs}" if gs else ""): "/".join(map(str, cfg))
-                             for (op, M, N, K, gs, _), (cfg, _) in sorted(gemv.tuning_log().items(), key=str)
-                             if M == gemv.row_bucket(opts.batch_size)}
+        row["gemv_picks"] = {gemv.pick_name(key): "/".join(map(str, cfg))  # FLINT_GEMV_PICKS takes these back
+                             for key, (cfg, _) in sorted(gemv.tuning_log().items(), key=str)
+                             if key[1] == gemv.row_bucket(opts.batch_size)}
     if not opts.no_ref and not opts.quant:  # transformers gets the float weights only
         ref = reference_decode(engine.model, prompt.to(device), opts.new_tokens, static_cache=device.type == "cuda")
         row.update(ref)

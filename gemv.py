@@ -411,13 +411,44 @@ def config_for(op: str, M: int, N: int, K: int, group_size: int = 0, device=None
     return _best.get(_key(op, M, N, K, group_size, torch.device(device if device is not None else "cuda")))
 
 
+def pick_name(key: tuple) -> str:
+    """A tuning key as bench.py prints it in gemv_picks and FLINT_GEMV_PICKS takes it: "int4 M1 N4096 K4096 G128"."""
+    op, M, N, K, group_size, _ = key
+    return f"{op} M{M} N{N} K{K}" + (f" G{group_size}" if group_size else "")
+
+
+@functools.cache
+def _pinned_picks(text: str) -> dict[str, tuple]:
+    """FLINT_GEMV_PICKS: a JSON object (or a file holding one) of picks as `bench.py decode --json` prints
+    them in gemv_picks, e.g. {"bf16 M1 N4096 K4096": "fma/8/512/4/1"}: those shapes run that config
+    untimed. The first-call timings differ by a percent or two between configs and their winner changes
+    from process to process; an A/B run of other code should compare the same kernels."""
+    import json
+
+    if not text.lstrip().startswith("{") and os.path.isfile(text):
+        with open(text) as f:
+            text = f.read()
+
+    try:
+        picks = json.loads(text)
+        return {name: tuple(int(p) if p.isdigit() else p for p in cfg.split("/")) for name, cfg in picks.items()}
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"FLINT_GEMV_PICKS: expected a JSON object (or a file holding one) of "
+                         f"\"op M.. N.. K..\": \"kernel/n/n/n/n\" entries ({e})") from None
+
+
 def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
     """The config for key: on first sight on a GPU, the fastest of configs (triton.testing.do_bench: L2
-    flushed before each run, so W comes from memory as in a real decode step). Never times during CUDA
-    graph capture (the default is used and kept) and never under the interpreter."""
+    flushed before each run, so W comes from memory as in a real decode step), unless FLINT_GEMV_PICKS
+    names one. Never times during CUDA graph capture (the default is used and kept) and never under the
+    interpreter."""
     cfg = _best.get(key)
     if cfg is not None:
         return cfg
+    pinned = _pinned_picks(os.environ["FLINT_GEMV_PICKS"]).get(pick_name(key)) if os.environ.get("FLINT_GEMV_PICKS") else None
+    if pinned is not None:
+        _best[key] = pinned
+        return pinned
     cfg = configs[0]
     tune = (device.type == "cuda" and not _interpret() and len(configs) > 1
             and os.environ.get("FLINT_GEMV_TUNE", "1") != "0")

@@ -155,6 +155,29 @@ def test_int4_k_split_leaves_its_counters_at_zero():
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
 
 
+def test_pinned_picks_skip_the_tuner(monkeypatch, tmp_path):
+    """FLINT_GEMV_PICKS (a JSON object, or a file with one, as bench.py prints gemv_picks) fixes the config
+    of the shapes it names; others keep the tuner's choice."""
+    import json
+
+    x, w = problem(1, 97, 320)
+    w = w.to(torch.bfloat16).to(DEVICE)
+    key = gemv._key("bf16", 1, 97, 320, 0, torch.device(DEVICE))
+    name = gemv.pick_name(key)
+    assert name == "bf16 M1 N97 K320"
+    path = tmp_path / "picks.json"
+    path.write_text(json.dumps({name: "fma/16/512/8/1"}))
+    for value in (json.dumps({name: "fma/16/512/8/1"}), str(path)):
+        monkeypatch.setenv("FLINT_GEMV_PICKS", value)
+        monkeypatch.setattr(gemv, "_best", {})
+        close(gemv.bf16_linear(x.to(DEVICE), w), x.float() @ w.float().cpu().t())
+        assert gemv._best[key] == ("fma", 16, 512, 8, 1)
+    monkeypatch.setenv("FLINT_GEMV_PICKS", "[1, 2]")
+    monkeypatch.setattr(gemv, "_best", {})
+    with pytest.raises(ValueError, match="FLINT_GEMV_PICKS"):
+        gemv.bf16_linear(x.to(DEVICE), w)
+
+
 def test_prefill_rows_fall_back_to_dequantize_and_matmul():
     M, N, K, G = 70, 48, 256, 64  # M > MAX_M
     x, packed, sz, ref = int4_problem(M, N, K, G)
