@@ -38,8 +38,8 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          tile adjacent so that rows m > 0 find it in L2). Products in fp32 FMAs, summed at the end (bf16,
          int8) or per group (int4). For M = 1 (and a few rows).
          int4_fma takes one group a step on a [BLOCK_N, G/8 words] tile (a thread holds a few rows of the
-         same words, so the x it loads serves all of them), loads the next group's words before this one's
-         math, and splits K over SPLIT programs (its config's third number): llama-3-8b's N = 4096 with 32
+         same words, so the x it loads serves all of them), loads the words of the group one or two ahead
+         (its config's fifth number) before this one's math, and splits K over SPLIT programs (the third): llama-3-8b's N = 4096 with 32
          or 64 rows a program is too few one-warp programs to keep enough loads in flight. The SPLIT
          partial sums meet in an fp32 workspace; the last program of a row block to finish (an atomic
          counter, left at 0 for the next call) adds them and stores y.
@@ -195,7 +195,7 @@ def _kernels():
     @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        PEEL: tl.constexpr, PDL: tl.constexpr):
+                        AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
         # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
         # Program (block of BN rows of W, row m of x) x split s: groups s*per .. (s+1)*per - 1, one group a
         # step (words [BN, W], W = G/8: a thread holds a few rows of the same words, so each x it loads
@@ -215,21 +215,24 @@ def _kernels():
         per = tl.cdiv(n_groups, SPLIT)
         g_lo = s * per
         g_hi = tl.minimum(g_lo + per, n_groups)
-        # the first group's words and scales: W and its scales are never written, so with PDL they load
-        # while the previous kernel (which writes x) still runs; each step then loads the next group's
-        # before computing this one (two groups in flight per program). Past the split's end that is the
-        # next split's first group (or the last one again), read from L2 and not used: no masks needed.
-        g_first = tl.minimum(g_lo, n_groups - 1)
-        words = tl.load(p_ptr + g_first * W + p_off)
-        sz = tl.load(sz_row + g_first)
+        # the first groups' words and scales: W and its scales are never written, so with PDL they load
+        # while the previous kernel (which writes x) still runs; each step then loads group g + AHEAD
+        # before computing group g (AHEAD + 1 groups in flight per program); nothing past the split's end
+        words = tl.load(p_ptr + g_lo * W + p_off, mask=(tl.zeros((BLOCK_N, W), tl.int32) + g_lo) < g_hi, other=0)
+        sz = tl.load(sz_row + g_lo, mask=(tl.zeros((BLOCK_N,), tl.int32) + g_lo) < g_hi, other=0)
+        if AHEAD == 2:
+            words2 = tl.load(p_ptr + (g_lo + 1) * W + p_off, mask=(tl.zeros((BLOCK_N, W), tl.int32) + g_lo + 1) < g_hi,
+                             other=0)
+            sz2 = tl.load(sz_row + g_lo + 1, mask=(tl.zeros((BLOCK_N,), tl.int32) + g_lo + 1) < g_hi, other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_N, W), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
         for g in range(g_lo, g_hi):
-            g_next = tl.minimum(g + 1, n_groups - 1)
-            next_words = tl.load(p_ptr + g_next * W + p_off)
-            next_sz = tl.load(sz_row + g_next)
+            g_next = g + AHEAD
+            next_words = tl.load(p_ptr + g_next * W + p_off, mask=(tl.zeros((BLOCK_N, W), tl.int32) + g_next) < g_hi,
+                                 other=0)
+            next_sz = tl.load(sz_row + g_next, mask=(tl.zeros((BLOCK_N,), tl.int32) + g_next) < g_hi, other=0)
             # nibble j moved to bits 16..19 reads as 128 + q in fp32 (| F128), to bits 12..15 as 2048 + q
             # (| F2048): four shifts place all eight
             hi8 = words >> 8
@@ -272,7 +275,10 @@ def _kernels():
             zero = (sz & -65536).to(tl.float32, bitcast=True)
             acc += scale[:, None] * part
             zacc += (zero - 8.0 * scale) * tl.sum(xv, axis=0) - scale * tl.sum(cx, axis=0)
-            words, sz = next_words, next_sz
+            if AHEAD == 2:
+                words, sz, words2, sz2 = words2, sz2, next_words, next_sz
+            else:
+                words, sz = next_words, next_sz
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1) + zacc                                            # [BN] fp32
@@ -358,12 +364,13 @@ _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 
              _cfg("fma", 8, 1024, 8, 3), _cfg("fma", 8, 512, 2, 4), _cfg("fma", 16, 256, 4, 5)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
         _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3)]
-# int4_fma: (kernel, BLOCK_N, K split, warps, 1): llama-3-8b's N = 4096 needs a split (32 rows a program
-# would be only 128 programs of one warp); a split's partial sums meet in a small fp32 workspace
+# int4_fma: (kernel, BLOCK_N, K split, warps, groups loaded ahead): llama-3-8b's N = 4096 needs a split (32
+# rows a program would be only 128 programs of one warp); a split's partial sums meet in an fp32 workspace
 _FMA_INT4 = [_cfg("int4_fma", 32, 4, 1, 1), _cfg("int4_fma", 64, 1, 1, 1), _cfg("int4_fma", 32, 1, 1, 1),
              _cfg("int4_fma", 32, 2, 1, 1), _cfg("int4_fma", 32, 8, 1, 1), _cfg("int4_fma", 64, 4, 1, 1),
              _cfg("int4_fma", 64, 2, 2, 1), _cfg("int4_fma", 16, 4, 1, 1), _cfg("int4_fma", 64, 8, 2, 1),
-             _cfg("int4_fma", 32, 16, 1, 1), _cfg("int4_fma", 64, 16, 2, 1)]
+             _cfg("int4_fma", 32, 16, 1, 1), _cfg("int4_fma", 64, 16, 2, 1), _cfg("int4_fma", 32, 8, 1, 2),
+             _cfg("int4_fma", 64, 8, 2, 2), _cfg("int4_fma", 64, 4, 1, 2), _cfg("int4_fma", 64, 2, 1, 2)]
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
@@ -578,8 +585,8 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
         pdl = _pdl_args(x2.device)
         _kernels()["int4_fma"][(grid[0], split)](
             x2, words, sz, y, part, count, M, N, K, x2.stride(0), words.stride(0), sz.stride(0), y.stride(0),
-            0x43000000, 0x45000000, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, num_warps=warps, num_stages=1,
-            **pdl)
+            0x43000000, 0x45000000, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps,
+            num_stages=1, **pdl)
     else:
         _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
