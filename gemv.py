@@ -39,8 +39,9 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          int8) or per group (int4). For M = 1 (and a few rows).
          int4_fma takes one group a step on a [BLOCK_N, G/8 words] tile (a thread holds a few rows of the
          same words, so the x it loads serves all of them), loads the words of the group one or two ahead
-         (its config's fifth number) before this one's math, and splits K over SPLIT programs (the third): llama-3-8b's N = 4096 with 32
-         or 64 rows a program is too few one-warp programs to keep enough loads in flight. The SPLIT
+         (its config's fifth number) before this one's math, and splits K over SPLIT programs (the third):
+         llama-3-8b's N = 4096 with 32 or 64 rows a program is too few one-warp programs to keep enough
+         loads in flight. The SPLIT
          partial sums meet in an fp32 workspace; the last program of a row block to finish (an atomic
          counter, left at 0 for the next call) adds them and stores y.
   dot    one program = all M rows (padded to a power of two >= 16) and BLOCK_N rows of W, tensor cores via
@@ -218,21 +219,22 @@ def _kernels():
         # the first groups' words and scales: W and its scales are never written, so with PDL they load
         # while the previous kernel (which writes x) still runs; each step then loads group g + AHEAD
         # before computing group g (AHEAD + 1 groups in flight per program); nothing past the split's end
-        words = tl.load(p_ptr + g_lo * W + p_off, mask=(tl.zeros((BLOCK_N, W), tl.int32) + g_lo) < g_hi, other=0)
-        sz = tl.load(sz_row + g_lo, mask=(tl.zeros((BLOCK_N,), tl.int32) + g_lo) < g_hi, other=0)
+        # (masks: a group index spread over the tile and compared with g_hi; a scalar mask works compiled
+        # but not in Triton's interpreter)
+        tile0, row0 = tl.zeros((BLOCK_N, W), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
+        words = tl.load(p_ptr + g_lo * W + p_off, mask=tile0 + g_lo < g_hi, other=0)
+        sz = tl.load(sz_row + g_lo, mask=row0 + g_lo < g_hi, other=0)
         if AHEAD == 2:
-            words2 = tl.load(p_ptr + (g_lo + 1) * W + p_off, mask=(tl.zeros((BLOCK_N, W), tl.int32) + g_lo + 1) < g_hi,
-                             other=0)
-            sz2 = tl.load(sz_row + g_lo + 1, mask=(tl.zeros((BLOCK_N,), tl.int32) + g_lo + 1) < g_hi, other=0)
+            words2 = tl.load(p_ptr + (g_lo + 1) * W + p_off, mask=tile0 + g_lo + 1 < g_hi, other=0)
+            sz2 = tl.load(sz_row + g_lo + 1, mask=row0 + g_lo + 1 < g_hi, other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_N, W), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
         for g in range(g_lo, g_hi):
             g_next = g + AHEAD
-            next_words = tl.load(p_ptr + g_next * W + p_off, mask=(tl.zeros((BLOCK_N, W), tl.int32) + g_next) < g_hi,
-                                 other=0)
-            next_sz = tl.load(sz_row + g_next, mask=(tl.zeros((BLOCK_N,), tl.int32) + g_next) < g_hi, other=0)
+            next_words = tl.load(p_ptr + g_next * W + p_off, mask=tile0 + g_next < g_hi, other=0)
+            next_sz = tl.load(sz_row + g_next, mask=row0 + g_next < g_hi, other=0)
             # nibble j moved to bits 16..19 reads as 128 + q in fp32 (| F128), to bits 12..15 as 2048 + q
             # (| F2048): four shifts place all eight
             hi8 = words >> 8
