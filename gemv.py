@@ -109,10 +109,12 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   STAGES: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
-        # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program
+                   STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PEEL: tl.constexpr,
+                   PDL: tl.constexpr):
+        # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
+        # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1)
         pid = tl.program_id(0)
         m = pid % M
         rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
@@ -123,41 +125,91 @@ def _kernels():
         # compiler loads each element once per thread
         x_off = 0 * rn_in[:, None] + rk[None, :]                               # [BN, BK]
         x_row = x_ptr + m * stride_xm
+        if SPLIT == 1:
+            k_lo = 0
+            k_hi = K
+        else:  # whole tiles per split
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k_lo = tl.program_id(1) * per
+            k_hi = tl.minimum(k_lo + per, K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        k_start = 0
-        if PEEL:  # with PDL, launched while the previous kernel still runs: read W's first tile (W is
-            # never written by anyone), then wait for that kernel (it writes x) before touching x or y
-            in_k = rk[None, :] < K
-            w = tl.load(w_ptr + w_off, mask=in_k, other=0)
+        if AHEAD == 0:
+            k_start = k_lo
+            if PEEL:  # with PDL, launched while the previous kernel still runs: read W's first tile (W is
+                # never written by anyone), then wait for that kernel (it writes x) before touching x or y
+                in_k = rk[None, :] < k_hi - k_lo
+                w = tl.load(w_ptr + k_lo + w_off, mask=in_k, other=0)
+                if PDL:
+                    tl.extra.cuda.gdc_wait()
+                x = tl.load(x_row + k_lo + x_off, mask=in_k, other=0.0)
+                if QUANT:
+                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                acc += w.to(tl.float32) * x.to(tl.float32)
+                k_start = k_lo + BLOCK_K
+            for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):
+                if EVEN_K:
+                    w = tl.load(w_ptr + k0 + w_off)
+                    x = tl.load(x_row + k0 + x_off)
+                else:
+                    in_k = rk[None, :] < k_hi - k0
+                    w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
+                    x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
+                if QUANT:  # int8 -> fp32 exactly: bits of 2^23 + 128 + q, minus 2^23 + 128
+                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                acc += w.to(tl.float32) * x.to(tl.float32)
+        else:
+            # register prefetch: each step loads the tile AHEAD tiles on before this one's math, so a warp
+            # keeps loads in flight while it computes (the first tiles before PDL's wait: W is never
+            # written). Masks past k_hi: per tile (whole tiles) or per column (a ragged K).
+            if EVEN_K:
+                k_pos = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
+            else:
+                k_pos = rk[None, :] + tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
+            w = tl.load(w_ptr + k_lo + w_off, mask=k_pos + k_lo < k_hi, other=0)
+            if AHEAD == 2:
+                w2 = tl.load(w_ptr + k_lo + BLOCK_K + w_off, mask=k_pos + k_lo + BLOCK_K < k_hi, other=0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-            x = tl.load(x_row + x_off, mask=in_k, other=0.0)
-            if QUANT:
-                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            acc += w.to(tl.float32) * x.to(tl.float32)
-            k_start = BLOCK_K
-        for k0 in tl.range(k_start, K, BLOCK_K, num_stages=STAGES):
-            if EVEN_K:
-                w = tl.load(w_ptr + k0 + w_off)
-                x = tl.load(x_row + k0 + x_off)
-            else:
-                in_k = rk[None, :] < K - k0
-                w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
-                x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
-            if QUANT:  # int8 -> fp32 exactly: bits of 2^23 + 128 + q, minus 2^23 + 128
-                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            acc += w.to(tl.float32) * x.to(tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_next = k0 + AHEAD * BLOCK_K
+                w_next = tl.load(w_ptr + k_next + w_off, mask=k_pos + k_next < k_hi, other=0)
+                if EVEN_K:
+                    x = tl.load(x_row + k0 + x_off)
+                else:
+                    x = tl.load(x_row + k0 + x_off, mask=k_pos + k0 < k_hi, other=0.0)
+                if QUANT:
+                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                acc += w.to(tl.float32) * x.to(tl.float32)
+                if AHEAD == 2:
+                    w, w2 = w2, w_next
+                else:
+                    w = w_next
         if PDL:  # the next kernel may launch now and wait for this one's end in its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)                                                # [BN]
-        if QUANT:
-            y *= tl.load(s_ptr + rn_in).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+        if SPLIT == 1:
+            if QUANT:
+                y *= tl.load(s_ptr + rn_in).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+        else:
+            # as in int4_fma_kernel: partial sums to the workspace, the last split of (block, m) adds them
+            tl.store(part_ptr + (tl.program_id(1) * M + m) * N + rn, y, mask=rn < N)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                total = tl.zeros((BLOCK_N,), tl.float32)
+                for t in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+                if QUANT:
+                    total *= tl.load(s_ptr + rn_in).to(tl.float32)
+                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
+                tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
-    def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                   EVEN_K: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr, PEEL: tl.constexpr,
+                   PDL: tl.constexpr):
         # y^T [BN, BM] = w [BN, BK] @ x^T [BK, BM] on tensor cores; w is the left operand (K-contiguous rows)
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,31 +219,53 @@ def _kernels():
         rk = tl.arange(0, BLOCK_K)
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]           # [BN, BK]
         x_off = rm_in[:, None] * stride_xm + rk[None, :]                         # [BM, BK]
+        if SPLIT == 1:
+            k_lo = 0
+            k_hi = K
+        else:  # whole tiles per split (N = 4096 in blocks of 64 rows is only 64 programs)
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k_lo = tl.program_id(1) * per
+            k_hi = tl.minimum(k_lo + per, K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        k_start = 0
+        k_start = k_lo
         if PEEL:  # as in fma_kernel: W's first tile before waiting for the kernel that writes x
-            in_k = rk[None, :] < K
-            w = tl.load(w_ptr + w_off, mask=in_k, other=0)
+            in_k = rk[None, :] < k_hi - k_lo
+            w = tl.load(w_ptr + k_lo + w_off, mask=in_k, other=0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-            x = tl.load(x_ptr + x_off, mask=in_k, other=0.0)
+            x = tl.load(x_ptr + k_lo + x_off, mask=in_k, other=0.0)
             acc = tl.dot(w.to(tl.bfloat16), tl.trans(x), acc)
-            k_start = BLOCK_K
-        for k0 in tl.range(k_start, K, BLOCK_K, num_stages=STAGES):
+            k_start = k_lo + BLOCK_K
+        for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 w = tl.load(w_ptr + k0 + w_off)
                 x = tl.load(x_ptr + k0 + x_off)
             else:
-                in_k = rk[None, :] < K - k0
+                in_k = rk[None, :] < k_hi - k0
                 w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
                 x = tl.load(x_ptr + k0 + x_off, mask=in_k, other=0.0)
             acc = tl.dot(w.to(tl.bfloat16), tl.trans(x), acc)  # int8 -> bf16 is exact
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        if QUANT:
-            acc *= tl.load(s_ptr + rn_in).to(tl.float32)[:, None]
-        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+        out_mask = (rm[None, :] < M) & (rn[:, None] < N)
+        if SPLIT == 1:
+            if QUANT:
+                acc *= tl.load(s_ptr + rn_in).to(tl.float32)[:, None]
+            tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            part_off = rm[None, :] * N + rn[:, None]                               # [BN, BM] of [M, N]
+            tl.store(part_ptr + tl.program_id(1) * M * N + part_off, acc, mask=out_mask)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+                for t in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + t * M * N + part_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if QUANT:
+                    total *= tl.load(s_ptr + rn_in).to(tl.float32)[:, None]
+                tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], total.to(y_ptr.dtype.element_ty),
+                         mask=out_mask)
+                tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
@@ -350,22 +424,30 @@ def _kernels():
 
 # ---------------------------------------------------------------- configs and the first-call tuner
 
-def _cfg(kernel, block_n, block_k, warps, stages):
-    return (kernel, block_n, block_k, warps, stages)
+def _cfg(kernel, block_n, block_k, warps, stages, split=1, ahead=0):
+    return (kernel, block_n, block_k, warps, stages) + ((split, ahead) if (split, ahead) != (1, 0) else ())
 
 
-# (kernel, BLOCK_N, BLOCK_K in weights, num_warps, num_stages). A thread holds BLOCK_N * BLOCK_K / (32 *
-# warps) fp32 partial sums in the fma kernels: <= 64 keeps registers (and so programs per SM) in check.
-# Per row and step: BLOCK_K weights = 128..1024 bytes (bf16), 256..1024 (int8), 128..512 (int4).
+# (kernel, BLOCK_N, BLOCK_K in weights, num_warps, num_stages[, K split, tiles loaded ahead]). A thread holds
+# BLOCK_N * BLOCK_K / (32 * warps) fp32 partial sums in the fma kernels: <= 64 keeps registers (and so
+# programs per SM) in check. Per row and step: BLOCK_K weights = 128..1024 bytes (bf16), 256..1024 (int8),
+# 128..512 (int4).
 # stages > 1: Triton turns the loop's loads into cp.async into shared memory, `stages - 1` tiles ahead.
+# ahead 1 or 2 (fma, stages 1): the next tiles load into registers before this one's math.
+# split > 1: SPLIT programs per block of rows, each over a K range; partial sums meet in an fp32 workspace
+# and the last program adds them (N = 4096 shapes have few blocks: 64 programs of 64 rows).
 _FMA_BF16 = [_cfg("fma", 8, 256, 4, 1), _cfg("fma", 16, 256, 4, 1), _cfg("fma", 8, 512, 4, 1),
              _cfg("fma", 16, 512, 8, 1), _cfg("fma", 4, 512, 4, 1), _cfg("fma", 8, 256, 4, 3),
              _cfg("fma", 16, 256, 4, 3)]
 _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 8, 1024, 4, 1),
              _cfg("fma", 16, 256, 4, 1), _cfg("fma", 32, 512, 8, 1), _cfg("fma", 16, 512, 4, 3),
-             _cfg("fma", 8, 1024, 8, 3), _cfg("fma", 8, 512, 2, 4), _cfg("fma", 16, 256, 4, 5)]
+             _cfg("fma", 8, 1024, 8, 3), _cfg("fma", 8, 512, 2, 4), _cfg("fma", 16, 256, 4, 5),
+             _cfg("fma", 16, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 2),
+             _cfg("fma", 16, 256, 4, 1, 1, 2), _cfg("fma", 8, 512, 4, 1, 2, 1), _cfg("fma", 16, 256, 4, 1, 4, 1),
+             _cfg("fma", 8, 256, 2, 1, 4, 2)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
-        _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3)]
+        _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3), _cfg("dot", 16, 256, 1, 3, 4),
+        _cfg("dot", 32, 256, 2, 3, 2), _cfg("dot", 64, 128, 4, 4, 2), _cfg("dot", 32, 128, 1, 4, 4)]
 # int4_fma: (kernel, BLOCK_N, K split, warps, groups loaded ahead): llama-3-8b's N = 4096 needs a split (32
 # rows a program would be only 128 programs of one warp); a split's partial sums meet in an fp32 workspace
 _FMA_INT4 = [_cfg("int4_fma", 32, 4, 1, 1), _cfg("int4_fma", 64, 1, 1, 1), _cfg("int4_fma", 32, 1, 1, 1),
@@ -532,24 +614,32 @@ def _block_m(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())
 
 
+def _unpack(cfg):
+    """(kernel, BLOCK_N, BLOCK_K, warps, stages[, split[, ahead]]): split and ahead default to 1 and 0."""
+    return tuple(cfg) + (1, 0)[len(cfg) - 5:] if len(cfg) < 7 else tuple(cfg)
+
+
 def _run_dense(x2, w, scales, cfg):
     """bf16 (scales None) or int8 through fma_kernel / dot_kernel with config cfg -> y bf16 [M, N]."""
-    kernel, block_n, block_k, warps, stages = cfg
+    kernel, block_n, block_k, warps, stages, split, ahead = _unpack(cfg)
     quant = scales is not None
     if kernel == "dequant":
         return F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16) if quant else F.linear(x2, w)
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
+    grid = _grid_rows(kernel, M, N, block_n)
+    part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
     common = dict(QUANT=quant, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, STAGES=stages,
-                  num_warps=warps, num_stages=stages, **_pdl_args(x2.device))
+                  SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
     if kernel == "fma":
-        _kernels()["fma"][_grid_rows(kernel, M, N, block_n)](
-            x2, w, s, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0), **common)
+        _kernels()["fma"][(grid[0], split)](
+            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), AHEAD=ahead, **common)
     else:
-        _kernels()["dot"][_grid_rows(kernel, M, N, block_n)](
-            x2, w, s, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0), BLOCK_M=_block_m(M), **common)
+        _kernels()["dot"][(grid[0], split)](
+            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), BLOCK_M=_block_m(M),
+            **common)
     return y
 
 

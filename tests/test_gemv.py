@@ -155,6 +155,21 @@ def test_int4_k_split_leaves_its_counters_at_zero():
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
 
 
+@pytest.mark.parametrize("cfg", [("fma", 8, 256, 4, 1, 4, 1), ("dot", 16, 128, 1, 3, 4)])
+def test_dense_k_split_leaves_its_counters_at_zero(cfg):
+    # the fma and dot kernels' K split (int8, K = 640: 5 tiles of 128 or 3 of 256 over 4 splits, one empty):
+    # same sums as the reference, counters back at zero, a second call identical
+    M = 1 if cfg[0] == "fma" else 3
+    x, w = problem(M, 97, 640)
+    q, scales = Q.int8_quantize(w)
+    ref = x.float() @ (q.float() * scales.float()[:, None]).t()
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    first = gemv._run_dense(x, q, scales, cfg)
+    close(first, ref)
+    assert torch.equal(gemv._run_dense(x, q, scales, cfg), first)
+    assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+
+
 def test_pinned_picks_skip_the_tuner(monkeypatch, tmp_path):
     """FLINT_GEMV_PICKS (a JSON object, or a file with one, as bench.py prints gemv_picks) fixes the config
     of the shapes it names; others keep the tuner's choice."""
