@@ -111,10 +111,12 @@ def _kernels():
     @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PEEL: tl.constexpr,
-                   PDL: tl.constexpr):
+                   STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
+                   PEEL: tl.constexpr, PDL: tl.constexpr):
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
-        # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1)
+        # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1). int8 -> fp32 exactly: the bits of
+        # 2^23 + 128 + q, minus 2^23 + 128; PRMT builds those bits with one byte permute a weight (4 bytes of
+        # W a register, XORed with 0x80 to make q + 128 unsigned), otherwise a sign extension and an add.
         pid = tl.program_id(0)
         m = pid % M
         rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
@@ -142,7 +144,13 @@ def _kernels():
                 if PDL:
                     tl.extra.cuda.gdc_wait()
                 x = tl.load(x_row + k_lo + x_off, mask=in_k, other=0.0)
-                if QUANT:
+                if QUANT and PRMT:
+                    w = tl.inline_asm_elementwise(
+                        "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                        "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                        "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
+                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 8388736.0
+                elif QUANT:
                     w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
                 acc += w.to(tl.float32) * x.to(tl.float32)
                 k_start = k_lo + BLOCK_K
@@ -154,7 +162,13 @@ def _kernels():
                     in_k = rk[None, :] < k_hi - k0
                     w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
                     x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
-                if QUANT:  # int8 -> fp32 exactly: bits of 2^23 + 128 + q, minus 2^23 + 128
+                if QUANT and PRMT:
+                    w = tl.inline_asm_elementwise(
+                        "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                        "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                        "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
+                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 8388736.0
+                elif QUANT:
                     w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
                 acc += w.to(tl.float32) * x.to(tl.float32)
         else:
@@ -177,7 +191,13 @@ def _kernels():
                     x = tl.load(x_row + k0 + x_off)
                 else:
                     x = tl.load(x_row + k0 + x_off, mask=k_pos + k0 < k_hi, other=0.0)
-                if QUANT:
+                if QUANT and PRMT:
+                    w = tl.inline_asm_elementwise(
+                        "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                        "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                        "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
+                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 8388736.0
+                elif QUANT:
                     w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
                 acc += w.to(tl.float32) * x.to(tl.float32)
                 if AHEAD == 2:
@@ -444,7 +464,9 @@ _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 
              _cfg("fma", 8, 1024, 8, 3), _cfg("fma", 8, 512, 2, 4), _cfg("fma", 16, 256, 4, 5),
              _cfg("fma", 16, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 2),
              _cfg("fma", 16, 256, 4, 1, 1, 2), _cfg("fma", 8, 512, 4, 1, 2, 1), _cfg("fma", 16, 256, 4, 1, 4, 1),
-             _cfg("fma", 8, 256, 2, 1, 4, 2)]
+             _cfg("fma", 8, 256, 2, 1, 4, 2), _cfg("fma_prmt", 16, 512, 4, 1), _cfg("fma_prmt", 8, 1024, 4, 1),
+             _cfg("fma_prmt", 8, 512, 4, 1), _cfg("fma_prmt", 16, 256, 4, 1), _cfg("fma_prmt", 32, 512, 8, 1),
+             _cfg("fma_prmt", 16, 512, 4, 1, 2), _cfg("fma_prmt", 8, 1024, 4, 1, 2), _cfg("fma_prmt", 16, 512, 4, 3)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
         _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3), _cfg("dot", 16, 256, 1, 3, 4),
         _cfg("dot", 32, 256, 2, 3, 2), _cfg("dot", 64, 128, 4, 4, 2), _cfg("dot", 32, 128, 1, 4, 4)]
@@ -564,7 +586,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
         # H200 profiles of the llama-3-8b step gave 4.69 ms with cuBLAS split-K picked for o_proj and
         # down_proj and no PDL, 4.24 ms with fma kernels everywhere and PDL).
         handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") else 1.0
-        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "dot", "int4_fma") else handicap))
+        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "fma_prmt", "dot", "int4_fma") else handicap))
         _timings[key] = times
     _best[key] = cfg
     return cfg
@@ -633,9 +655,10 @@ def _run_dense(x2, w, scales, cfg):
     common = dict(QUANT=quant, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, STAGES=stages,
                   SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
-    if kernel == "fma":
+    if kernel in ("fma", "fma_prmt"):
         _kernels()["fma"][(grid[0], split)](
-            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), AHEAD=ahead, **common)
+            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), AHEAD=ahead,
+            PRMT=kernel == "fma_prmt" and not _interpret(), **common)  # the interpreter has no PTX: plain path
     else:
         _kernels()["dot"][(grid[0], split)](
             x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), BLOCK_M=_block_m(M),
