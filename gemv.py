@@ -288,6 +288,95 @@ def _kernels():
                 tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
+    def int8_fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # w: int8 [N, K] read as int32 words [N, K/4] (code 4c + j in byte j), one row m of x per program,
+        # tiles of [BN, BK/4] words loaded AHEAD tiles before their math (0: none). A word's four bytes,
+        # XORed with 0x80 (q + 128 >= 0), each become the fp32 2^23 + 128 + q with one byte permute (PTX prmt
+        # when ASM; the same with shifts and masks otherwise), minus 2^23 + 128 in one FADD.
+        C: tl.constexpr = BLOCK_K // 4
+        pid = tl.program_id(0)
+        m = pid % M
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        rn_in = tl.minimum(rn, N - 1)
+        rc = tl.arange(0, C)
+        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
+        x_off = 4 * rc[:, None] + tl.arange(0, 4)[None, :]                      # [C, 4]: x of word c, byte j
+        x_row = x_ptr + m * stride_xm
+        if SPLIT == 1:
+            k_lo = 0
+            k_hi = K
+        else:
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k_lo = tl.program_id(1) * per
+            k_hi = tl.minimum(k_lo + per, K)
+        # masks past k_hi: per tile (whole tiles) or per word (a ragged K, K % 4 == 0)
+        if EVEN_K:
+            k_pos = tl.zeros((BLOCK_N, C), tl.int32)
+            xk_pos = tl.zeros((C, 4), tl.int32)
+        else:
+            k_pos = 4 * rc[None, :] + tl.zeros((BLOCK_N, C), tl.int32)
+            xk_pos = x_off
+        w = tl.load(w_ptr + k_lo // 4 + w_off, mask=k_pos + k_lo < k_hi, other=0)  # before the wait: W is never written
+        if AHEAD == 2:
+            w2 = tl.load(w_ptr + (k_lo + BLOCK_K) // 4 + w_off, mask=k_pos + k_lo + BLOCK_K < k_hi, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = tl.zeros((BLOCK_N, C), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if AHEAD > 0:
+                k_next = k0 + AHEAD * BLOCK_K
+                w_next = tl.load(w_ptr + k_next // 4 + w_off, mask=k_pos + k_next < k_hi, other=0)
+            else:
+                w = tl.load(w_ptr + k0 // 4 + w_off, mask=k_pos + k0 < k_hi, other=0)
+            if EVEN_K:
+                xt = tl.load(x_row + k0 + x_off).to(tl.float32)                 # [C, 4]
+            else:
+                xt = tl.load(x_row + k0 + x_off, mask=xk_pos + k0 < k_hi, other=0.0).to(tl.float32)
+            x02, x13 = tl.split(tl.reshape(xt, (C, 2, 2)))                      # [C, 2]: j = 0, 2 / 1, 3
+            x0, x2 = tl.split(x02)                                               # [C] each
+            x1, x3 = tl.split(x13)
+            if ASM:
+                v0, v1, v2, v3 = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                    "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                    "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
+                    "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                    is_pure=True, pack=1)
+            else:
+                u = w ^ -2139062144                                              # 0x80808080
+                v0 = ((u & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+                v1 = (((u >> 8) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+                v2 = (((u >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+                v3 = (((u >> 24) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+            acc += (v0 - 8388736.0) * x0[None, :]
+            acc += (v1 - 8388736.0) * x1[None, :]
+            acc += (v2 - 8388736.0) * x2[None, :]
+            acc += (v3 - 8388736.0) * x3[None, :]
+            if AHEAD == 2:
+                w, w2 = w2, w_next
+            elif AHEAD == 1:
+                w = w_next
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        y = tl.sum(acc, axis=1)                                                # [BN]
+        if SPLIT == 1:
+            y *= tl.load(s_ptr + rn_in).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+        else:
+            tl.store(part_ptr + (tl.program_id(1) * M + m) * N + rn, y, mask=rn < N)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                total = tl.zeros((BLOCK_N,), tl.float32)
+                for t in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+                total *= tl.load(s_ptr + rn_in).to(tl.float32)
+                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
+                tl.atomic_xchg(count_ptr + pid, 0)
+
+    @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
@@ -438,7 +527,7 @@ def _kernels():
         z = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(tl.bfloat16), mask=mask)
 
-    return {"fma": fma_kernel, "dot": dot_kernel, "int4_fma": int4_fma_kernel, "int4_dot": int4_dot_kernel,
+    return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int4_fma": int4_fma_kernel, "int4_dot": int4_dot_kernel,
             "int4_dequant": int4_dequant_kernel}
 
 
@@ -460,13 +549,14 @@ _FMA_BF16 = [_cfg("fma", 8, 256, 4, 1), _cfg("fma", 16, 256, 4, 1), _cfg("fma", 
              _cfg("fma", 16, 512, 8, 1), _cfg("fma", 4, 512, 4, 1), _cfg("fma", 8, 256, 4, 3),
              _cfg("fma", 16, 256, 4, 3)]
 _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 8, 1024, 4, 1),
-             _cfg("fma", 16, 256, 4, 1), _cfg("fma", 32, 512, 8, 1), _cfg("fma", 16, 512, 4, 3),
-             _cfg("fma", 8, 1024, 8, 3), _cfg("fma", 8, 512, 2, 4), _cfg("fma", 16, 256, 4, 5),
-             _cfg("fma", 16, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 2),
-             _cfg("fma", 16, 256, 4, 1, 1, 2), _cfg("fma", 8, 512, 4, 1, 2, 1), _cfg("fma", 16, 256, 4, 1, 4, 1),
-             _cfg("fma", 8, 256, 2, 1, 4, 2), _cfg("fma_prmt", 16, 512, 4, 1), _cfg("fma_prmt", 8, 1024, 4, 1),
-             _cfg("fma_prmt", 8, 512, 4, 1), _cfg("fma_prmt", 16, 256, 4, 1), _cfg("fma_prmt", 32, 512, 8, 1),
-             _cfg("fma_prmt", 16, 512, 4, 1, 2), _cfg("fma_prmt", 8, 1024, 4, 1, 2), _cfg("fma_prmt", 16, 512, 4, 3)]
+             _cfg("fma", 16, 256, 4, 1), _cfg("fma", 32, 512, 8, 1), _cfg("fma", 16, 512, 4, 1, 1, 1),
+             _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 2), _cfg("fma", 8, 512, 4, 1, 2, 1),
+             _cfg("fma", 16, 256, 4, 1, 4, 1), _cfg("fma_prmt", 16, 512, 4, 1), _cfg("fma_prmt", 8, 1024, 4, 1),
+             _cfg("fma_prmt", 8, 512, 4, 1), _cfg("fma_prmt", 16, 256, 4, 1), _cfg("fma_prmt", 16, 512, 4, 1, 2),
+             _cfg("int8_fma", 16, 512, 4, 1), _cfg("int8_fma", 16, 512, 4, 1, 1, 1),
+             _cfg("int8_fma", 8, 1024, 4, 1, 1, 1), _cfg("int8_fma", 32, 512, 4, 1, 1, 1),
+             _cfg("int8_fma", 16, 1024, 4, 1, 1, 1), _cfg("int8_fma", 16, 512, 4, 1, 1, 2),
+             _cfg("int8_fma", 8, 1024, 4, 1, 2, 1), _cfg("int8_fma", 8, 512, 4, 1, 1, 1)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
         _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3), _cfg("dot", 16, 256, 1, 3, 4),
         _cfg("dot", 32, 256, 2, 3, 2), _cfg("dot", 64, 128, 4, 4, 2), _cfg("dot", 32, 128, 1, 4, 4)]
@@ -491,7 +581,7 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
         fma = _FMA_INT4
         dot = _DOT_INT4
     else:
-        fma = _FMA_BF16 if op == "bf16" else _FMA_INT8
+        fma = _FMA_BF16 if op == "bf16" else [c for c in _FMA_INT8 if c[0] != "int8_fma" or K % 4 == 0]
         dot = _DOT
     if M == 1:
         configs = fma + dot[:1]
@@ -586,7 +676,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
         # H200 profiles of the llama-3-8b step gave 4.69 ms with cuBLAS split-K picked for o_proj and
         # down_proj and no PDL, 4.24 ms with fma kernels everywhere and PDL).
         handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") else 1.0
-        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "fma_prmt", "dot", "int4_fma") else handicap))
+        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "fma_prmt", "int8_fma", "dot", "int4_fma") else handicap))
         _timings[key] = times
     _best[key] = cfg
     return cfg
@@ -655,7 +745,15 @@ def _run_dense(x2, w, scales, cfg):
     common = dict(QUANT=quant, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, STAGES=stages,
                   SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
-    if kernel in ("fma", "fma_prmt"):
+    if kernel == "int8_fma" and (K % 4 or w.data_ptr() % 4):  # not readable as words: the same with bytes
+        kernel = "fma_prmt"
+    if kernel == "int8_fma":
+        words = w.view(torch.int32)  # [N, K / 4]
+        _kernels()["int8_fma"][(grid[0], split)](
+            x2, words, s, y, part, count, M, N, K, x2.stride(0), words.stride(0), y.stride(0), BLOCK_N=block_n,
+            BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, AHEAD=ahead, ASM=not _interpret(),
+            num_warps=warps, num_stages=1, **_pdl_args(x2.device))
+    elif kernel in ("fma", "fma_prmt"):
         _kernels()["fma"][(grid[0], split)](
             x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), AHEAD=ahead,
             PRMT=kernel == "fma_prmt" and not _interpret(), **common)  # the interpreter has no PTX: plain path
