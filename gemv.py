@@ -591,7 +591,11 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
         configs = fma[:3] + dot
     else:
         configs = dot if M <= 16 else [DEQUANT] + dot  # past 16 rows the old path first: the default, and timed
-    if op == "bf16" and DEQUANT not in configs:  # cuBLAS itself is a candidate (it wins some shapes at M > 1)
+    # cuBLAS itself is a candidate at M > 1 (it wins some shapes), not at M = 1: there the fma kernels beat it
+    # on every llama-3-8b shape inside a graph (H200, bench.py gemv: 0.81-1.05 of copy bandwidth against
+    # 0.58-0.99), while do_bench's one-call timings put it within noise on qkv and o_proj and let it win now
+    # and then (bf16 decode 240 against 252 tok/s when it took qkv and o_proj)
+    if op == "bf16" and M > 1 and DEQUANT not in configs:
         configs = configs + [DEQUANT]
     return configs
 
