@@ -646,11 +646,42 @@ def _pinned_picks(text: str) -> dict[str, tuple]:
                          f"\"op M.. N.. K..\": \"kernel/n/n/n/n\" entries ({e})") from None
 
 
-def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
-    """The config for key: on first sight on a GPU, the fastest of configs (triton.testing.do_bench: L2
-    flushed before each run, so W comes from memory as in a real decode step), unless FLINT_GEMV_PICKS
-    names one. Never times during CUDA graph capture (the default is used and kept) and never under the
-    interpreter."""
+TUNE_BYTES = 160 << 20  # weight copies timed together: over 3x the H200's 50 MB L2, so W comes from memory
+
+
+def _graph_ms(launch, c, copies) -> float:
+    """ms per call of config c: launches back to back in a CUDA graph as in a decode step (PDL overlap,
+    launch gaps and split-K reduce kernels included), cycling through weight copies so L2 cannot serve W;
+    best of 3 replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, and warms cuBLAS and the split workspace on the capture stream
+        for ws in copies:
+            launch(c, *ws)
+    side.synchronize()
+    calls = max(2 * len(copies), 24)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for i in range(calls):
+            launch(c, *copies[i % len(copies)])
+    graph.replay()
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    return best
+
+
+def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weights: tuple = ()):
+    """The config for key: on first sight on a GPU, the fastest of configs, unless FLINT_GEMV_PICKS names
+    one. launch(config, *weights) runs the op; each config is timed in a CUDA graph over copies of weights
+    (_graph_ms; FLINT_GEMV_TUNE=bench: triton's do_bench instead, one call at a time with L2 flushed, the
+    way of earlier versions). Never times during CUDA graph capture (the default is used and kept) and
+    never under the interpreter."""
     cfg = _best.get(key)
     if cfg is not None:
         return cfg
@@ -659,8 +690,8 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
         _best[key] = pinned
         return pinned
     cfg = configs[0]
-    tune = (device.type == "cuda" and not _interpret() and len(configs) > 1
-            and os.environ.get("FLINT_GEMV_TUNE", "1") != "0")
+    mode = os.environ.get("FLINT_GEMV_TUNE", "1")
+    tune = device.type == "cuda" and not _interpret() and len(configs) > 1 and mode != "0"
     if tune and torch.cuda.is_current_stream_capturing():
         warnings.warn(f"gemv: first call for {key} inside CUDA graph capture: using the default config untimed "
                       f"(run the op once before capturing)")
@@ -668,20 +699,27 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device):
     if tune:
         from triton.testing import do_bench
 
+        nbytes = sum(t.numel() * t.element_size() for t in weights)
+        copies = [weights] + [tuple(t.clone() for t in weights) for _ in range(-(-TUNE_BYTES // max(nbytes, 1)) - 1)]
+        in_graph = mode != "bench"
         times = {}
         for c in configs:
             try:
-                launch(c)  # compiles
-                times[c] = do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")  # robust to outliers
+                if in_graph:
+                    times[c] = _graph_ms(launch, c, copies)
+                else:
+                    launch(c, *weights)  # compiles
+                    times[c] = do_bench(lambda: launch(c, *weights), warmup=5, rep=20, return_mode="median")
             except Exception as e:  # a config that does not compile or fit (shared memory) is skipped
                 times[c] = float("inf")
                 warnings.warn(f"gemv: config {c} failed for {key}: {type(e).__name__}: {str(e)[:200]}")
-        # With PDL our dense kernels start under the previous kernel's tail inside a decode graph, which
-        # do_bench (one call at a time) cannot show; cuBLAS (and the int4 kernels) launch plainly and pay
-        # a gap plus, for split-K, a reduce kernel. So they must win by NO_PDL_HANDICAP (a judgment: two
-        # H200 profiles of the llama-3-8b step gave 4.69 ms with cuBLAS split-K picked for o_proj and
-        # down_proj and no PDL, 4.24 ms with fma kernels everywhere and PDL).
-        handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") else 1.0
+        del copies
+        # do_bench (one call at a time) cannot show that with PDL our kernels start under the previous
+        # kernel's tail inside a decode graph, while cuBLAS (and tinygemm) launch plainly and pay a gap plus,
+        # for split-K, a reduce kernel: there they must win by NO_PDL_HANDICAP (a judgment from two H200
+        # profiles of the llama-3-8b step: 4.69 ms with cuBLAS split-K on o_proj and down_proj and no PDL,
+        # 4.24 ms with fma kernels everywhere and PDL). Timed in a graph, the times say it themselves.
+        handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") and not in_graph else 1.0
         cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "fma_prmt", "int8_fma", "dot", "int4_fma") else handicap))
         _timings[key] = times
     _best[key] = cfg
@@ -849,7 +887,7 @@ def bf16_linear(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return _run_dense(x2, w, None, DEQUANT)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     key = _key("bf16", M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("bf16", M, K), lambda c: _run_dense(x2, w, None, c), x2.device)
+    cfg = _pick(key, candidates("bf16", M, K), lambda c, w_: _run_dense(x2, w_, None, c), x2.device, (w,))
     return _run_dense(x2, w, None, cfg)
 
 
@@ -867,7 +905,8 @@ def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torc
         return _run_dense(x2, w, scales, DEQUANT)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     key = _key("int8", M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("int8", M, K), lambda c: _run_dense(x2, w, scales, c), x2.device)
+    cfg = _pick(key, candidates("int8", M, K), lambda c, w_, s_: _run_dense(x2, w_, s_, c), x2.device,
+                (w, scales))
     return _run_dense(x2, w, scales, cfg)
 
 
@@ -892,7 +931,7 @@ def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
     scales_zeros = scales_zeros.contiguous()
     key = _key("int4", M, packed.shape[0], K, group_size, x2.device)
     cfg = _pick(key, candidates("int4", M, K, group_size),
-                lambda c: _run_int4(x2, packed, scales_zeros, group_size, c), x2.device)
+                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c), x2.device, (packed, scales_zeros))
     return _run_int4(x2, packed, scales_zeros, group_size, cfg)
 
 
