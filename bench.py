@@ -507,6 +507,35 @@ def gemv_cases(N, K, M, group_size, device, min_bytes, ref_rows=2048):
     return cases
 
 
+def gemv_config_rows(shape, M, device, min_bytes, copy_gb_s) -> list[dict]:
+    """--all-configs: every gemv.py candidate of the bf16 and int8 ops for one shape and M, each timed the
+    way time_per_call times a kernel (the tuner's own first-call timing is the same kind, in gemv._graph_ms),
+    with its error against dequantize + F.linear."""
+    import gemv
+
+    N, K = GEMV_SHAPES[shape]
+    g = torch.Generator(device=device).manual_seed(N + K + M)
+    x = torch.randn(M, K, device=device, generator=g).to(torch.bfloat16)
+    rows = []
+    for op, nbytes in (("bf16", 2 * N * K), ("int8", N * K + 2 * N)):
+        n = max(1, -(-min_bytes // nbytes))
+        if op == "bf16":
+            ws = [(torch.randn(N, K, device=device, generator=g) * 0.02).to(torch.bfloat16) for _ in range(n)]
+            ss = [None] * n
+        else:
+            ws = [torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=g) for _ in range(n)]
+            ss = [(torch.rand(N, device=device, generator=g) * 2e-4 + 1e-4).to(torch.bfloat16) for _ in range(n)]
+        ref = gemv._run_dense(x, ws[0], ss[0], gemv.DEQUANT).float()
+        for cfg in gemv.candidates(op, M, K):
+            err = ((gemv._run_dense(x, ws[0], ss[0], cfg).float() - ref).abs().max() / ref.abs().max()).item()
+            us = time_per_call(lambda i: gemv._run_dense(x, ws[i], ss[i], cfg), n, nbytes)
+            rows.append({"bench": "gemv_config", "shape": shape, "N": N, "K": K, "M": M, "op": op,
+                         "config": "/".join(map(str, cfg)), "us": us, "gb_per_s": nbytes / us / 1e3,
+                         "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": err})
+        del ws, ss
+    return rows
+
+
 def time_per_call(call, copies: int, bytes_per_call: int) -> float:
     """Microseconds per call, from a CUDA graph of many calls cycling through the weight copies (launches
     back to back as in a captured decode step, no host overhead), best of 3 replays. The first calls
@@ -581,6 +610,8 @@ def bench_gemv(opts) -> list[dict]:
                              "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": err,
                              "config": str(cfg) if cfg else None, "weight_copies": copies})
             del cases
+            if opts.all_configs:
+                rows += gemv_config_rows(shape, M, device, opts.min_mb << 20, copy_gb_s)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if set(GEMV_SHAPES) <= set(shapes):
@@ -617,6 +648,13 @@ def format_gemv(rows) -> str:
         for r in model:
             lines.append(f"{r['M']:>2} {r['variant']:<12} {r['gemv_us_per_step']:8.0f} {r['tok_per_s']:8.0f} "
                          f"{r['speedup_vs_bf16_cublas']:14.2f}x")
+    configs = [r for r in rows if r["bench"] == "gemv_config"]
+    if configs:
+        lines.append("\nevery candidate config (--all-configs), fastest first per shape, op and M:")
+        configs.sort(key=lambda r: (r["shape"], r["op"], r["M"], r["us"]))
+        for r in configs:
+            lines.append(f"{r['shape']:<8} {r['M']:>2} {r['op']:<5} {r['config']:<26} {r['us']:8.2f} "
+                         f"{r['bw_fraction']:7.2f} {r['max_rel_err']:8.1e}")
     tune = [r for r in rows if r["bench"] == "gemv_tune"]
     if tune:
         lines.append("\ngemv configs timed at first call (us, L2 flushed), fastest first:")
@@ -718,6 +756,8 @@ def main(argv=None):
     v.add_argument("--shapes", default=",".join(GEMV_SHAPES), help="subset of qkv,o,gate_up,down,lm_head")
     v.add_argument("--group-size", type=int, default=128, help="int4 group size")
     v.add_argument("--min-mb", type=int, default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
+    v.add_argument("--all-configs", action="store_true",
+                   help="also time every candidate config of the bf16 and int8 kernels (slow: compiles them all)")
     v.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     try:

@@ -374,3 +374,21 @@ def test_checkpoints_move_between_layouts(gemv_layout, tmp_path):
     assert b.layout == "cpu" and torch.equal(a.codes(), b.codes()) and torch.equal(a.dequantize(), b.dequantize())
     torch.testing.assert_close(cpu(tokens), out, atol=5e-2, rtol=5e-2)
     assert Q.model_bytes(cpu) == Q.model_bytes(model)
+
+
+def test_bench_gemv_all_configs_checks_every_candidate(monkeypatch, capsys):
+    """bench.py gemv --all-configs: a row per candidate config of the bf16 and int8 ops, each output within
+    bf16 rounding of dequantize + F.linear."""
+    import json
+
+    import bench
+
+    monkeypatch.setattr(bench, "GEMV_SHAPES", {"o": (32, 256)})
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1.0)
+    assert bench.main(["gemv", "--batch-sizes", "1", "--shapes", "o", "--min-mb", "0", "--all-configs", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    configs = [r for r in rows if r["bench"] == "gemv_config"]
+    for op in ("bf16", "int8"):
+        assert sorted(r["config"] for r in configs if r["op"] == op) == sorted(
+            "/".join(map(str, c)) for c in gemv.candidates(op, 1, 256))
+    assert all(r["max_rel_err"] < 1e-2 for r in configs)
