@@ -25,7 +25,9 @@ Layouts (as quantize.py stores them, nothing repacked):
 Dequantizing without int->float conversion instructions (16 per clock per SM on sm_80/sm_90, an eighth of
 the FP32 FMA rate, too slow for the 18-36 weights per clock per SM that 4.2 TB/s over 132 SMs brings): OR-ing
 a small integer into the mantissa of a float constant gives that float plus the integer, exactly.
-  int8   (q + 0x4B000080) as fp32 bits = 2^23 + 128 + q, minus (2^23 + 128) = q.
+  int8   (q + 0x4B000080) as fp32 bits = 2^23 + 128 + q, minus (2^23 + 128) = q. The same bits with one
+         byte permute (PTX prmt) a weight: a word of four codes XORed with 0x80808080 (q + 128, unsigned),
+         each byte moved under the constant byte 0x4B (fma_prmt, int8_fma).
   int4   a nibble at bits 16..19, | 0x43000000, reads as 128 + q (fp32); at bits 12..15, | 0x45000000, as
          2048 + q. Four shifts of a word (<< 16, << 8, >> 8, >> 16, and the word itself) put each of its
          eight nibbles at one of the two places, so per weight the work is half a shift, one LOP3 (AND and
@@ -36,7 +38,11 @@ a small integer into the mantissa of a float constant gives that float plus the 
 Kernels (a config names one; the first call for a shape times the candidates, see _pick):
   fma    one program = one row m of x and BLOCK_N rows of W (grid M * N/BLOCK_N, programs of one weight
          tile adjacent so that rows m > 0 find it in L2). Products in fp32 FMAs, summed at the end (bf16,
-         int8) or per group (int4). For M = 1 (and a few rows).
+         int8) or per group (int4). For M = 1 (and a few rows). A config's optional sixth and seventh
+         numbers: K split over SPLIT programs, tiles loaded that many steps ahead into registers.
+         fma_prmt is fma with int8 made fp32 by prmt through inline PTX (pack=4: four codes a register).
+         int8_fma reads int8 W as int32 words [N, K/4] (a [BLOCK_N, BLOCK_K/4] tile, four fp32 partial
+         sums a word) and takes the next tiles' words ahead as int4_fma does.
          int4_fma takes one group a step on a [BLOCK_N, G/8 words] tile (a thread holds a few rows of the
          same words, so the x it loads serves all of them), loads the words of the group one or two ahead
          (its config's fifth number) before this one's math, and splits K over SPLIT programs (the third):
@@ -45,24 +51,30 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          partial sums meet in an fp32 workspace; the last program of a row block to finish (an atomic
          counter, left at 0 for the next call) adds them and stores y.
   dot    one program = all M rows (padded to a power of two >= 16) and BLOCK_N rows of W, tensor cores via
-         tl.dot: reads W once for any M. The int4 one takes a group per step, even and odd columns of x
+         tl.dot: reads W once for any M; a sixth number splits K as in fma (N = 4096 in blocks of 64 rows
+         is only 64 programs for 132 SMs). The int4 one takes a group per step, even and odd columns of x
          against the low and high nibbles (two dots, no interleave), bf16 128 + q as the weights.
 Rows of W past N are clamped to N - 1 (loads stay in bounds, the store is masked), so N need not divide by
 BLOCK_N; K need not divide by BLOCK_K (masked tail; int4 needs K % G == 0, as Int4Linear pads).
 Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner loop, pointers and strides
-16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.8-5.3 (int8) and
-~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite) instructions per weight, against 4 (int4), 8
-(int8) and 16 (bf16) per weight at which 4.2 TB/s over 132 SMs would saturate their issue. On the H200 the
-int4 kernel still reads only 0.29-0.48 of copy bandwidth per shape (tinygemm 0.30-0.44): it is bound by
-loads in flight, not by instructions.
+16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.9-5.3 (int8 fma),
+~4.0-4.5 (fma_prmt), ~3.9-4.7 (int8_fma) and ~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite)
+instructions per weight, against 4 (int4), 8 (int8) and 16 (bf16) per weight at which 4.2 TB/s over 132
+SMs would saturate their issue. On the H200 (graph-timed, bench.py gemv) the int8 kernels read 0.68 (qkv),
+0.61 (o_proj), 0.91 (gate_up), 0.81 (down_proj) and 1.00 (lm head) of copy bandwidth, where the bf16 fma
+reads 0.90, 0.81, 1.00, 0.92 and 1.05: the small shapes are bound by a program's serial round trips to
+memory, not by instructions. The int4 kernel still reads only 0.29-0.48 (tinygemm 0.30-0.44): it is bound
+by loads in flight.
 
 Candidates: M = 1 the fma configs (and one dot), 2..4 rows both, 5..16 dot, 17..64 (continuous batching's
 decode batches) dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear,
 which is also what every M > 64 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at
-every M: it wins some shapes. Without Triton (or on CPU without the
-interpreter) the ops compute the same thing with torch. The first call for a (shape, row bucket) times the
-candidates on the GPU (a few seconds per model at warm-up, compiles included); FLINT_GEMV_TUNE=0 takes the
-first candidate untimed. tuning_log() tells what was chosen and measured.
+every M > 1: it wins some shapes. Without Triton (or on CPU without the interpreter) the ops compute the
+same thing with torch. The first call for a (shape, row bucket) times the candidates on the GPU in a CUDA
+graph of back-to-back calls over weight copies larger than L2, as a decode step runs them (a few seconds
+per model at warm-up, compiles included; FLINT_GEMV_TUNE=bench times one call at a time with do_bench
+instead, FLINT_GEMV_TUNE=0 takes the first candidate untimed, FLINT_GEMV_PICKS pins configs per shape).
+tuning_log() tells what was chosen and measured.
 """
 import functools
 import os
