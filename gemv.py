@@ -659,11 +659,16 @@ def _pinned_picks(text: str) -> dict[str, tuple]:
 TUNE_BYTES = 160 << 20  # weight copies timed together: over 3x the H200's 50 MB L2, so W comes from memory
 
 
+@functools.cache
+def _tuning_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device_index)
+
+
 def _graph_ms(launch, c, copies) -> float:
     """ms per call of config c: launches back to back in a CUDA graph as in a decode step (PDL overlap,
     launch gaps and split-K reduce kernels included), cycling through weight copies so L2 cannot serve W;
     best of 3 replays."""
-    side = torch.cuda.Stream()
+    side = _tuning_stream(torch.cuda.current_device())  # one for all timings: split-K keeps a workspace per stream
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles, and warms cuBLAS and the split workspace on the capture stream
         for ws in copies:
@@ -709,9 +714,16 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
     if tune:
         from triton.testing import do_bench
 
-        nbytes = sum(t.numel() * t.element_size() for t in weights)
-        copies = [weights] + [tuple(t.clone() for t in weights) for _ in range(-(-TUNE_BYTES // max(nbytes, 1)) - 1)]
         in_graph = mode != "bench"
+        copies = [weights]
+        if in_graph:
+            nbytes = sum(t.numel() * t.element_size() for t in weights)
+            try:
+                copies += [tuple(t.clone() for t in weights) for _ in range(-(-TUNE_BYTES // max(nbytes, 1)) - 1)]
+            except torch.cuda.OutOfMemoryError:  # a full GPU (a KV pool sized to the brim): time the old way
+                copies, in_graph = [weights], False
+                torch.cuda.empty_cache()
+                warnings.warn(f"gemv: no memory for weight copies to time {key} in a graph: do_bench instead")
         times = {}
         for c in configs:
             try:
