@@ -121,6 +121,35 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, split, m, M, N, rn, rn_in, stride_ym,
+                        SPLIT: tl.constexpr, SCALE: tl.constexpr):
+        # y [BN] fp32: this program's sums for rows rn of W and row m of x, over its share of K. Without
+        # a split: (* scale) and store. With one: the partial sums go to the workspace; the last of the
+        # SPLIT programs of this (block, m) to finish adds them up, stores y and sets the counter back
+        # to 0 for the next call.
+        if SPLIT == 1:
+            if SCALE:
+                y *= tl.load(s_ptr + rn_in).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+        else:
+            tl.store(part_ptr + (split * M + m) * N + rn, y, mask=rn < N)
+            tl.debug_barrier()  # every thread's store before the counter moves
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                total = tl.zeros_like(y)
+                for t in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+                if SCALE:
+                    total *= tl.load(s_ptr + rn_in).to(tl.float32)
+                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
+                tl.atomic_xchg(count_ptr + pid, 0)
+
+    # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
+    # looks in the closure): published there, since the kernels are built here, after the tests set
+    # TRITON_INTERPRET
+    globals()["store_row_block"] = store_row_block
+
+    @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                    STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
@@ -218,24 +247,8 @@ def _kernels():
                     w = w_next
         if PDL:  # the next kernel may launch now and wait for this one's end in its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
-        y = tl.sum(acc, axis=1)                                                # [BN]
-        if SPLIT == 1:
-            if QUANT:
-                y *= tl.load(s_ptr + rn_in).to(tl.float32)
-            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-        else:
-            # as in int4_fma_kernel: partial sums to the workspace, the last split of (block, m) adds them
-            tl.store(part_ptr + (tl.program_id(1) * M + m) * N + rn, y, mask=rn < N)
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if done == SPLIT - 1:
-                total = tl.zeros((BLOCK_N,), tl.float32)
-                for t in tl.static_range(SPLIT):
-                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
-                if QUANT:
-                    total *= tl.load(s_ptr + rn_in).to(tl.float32)
-                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
-                tl.atomic_xchg(count_ptr + pid, 0)
+        store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
+                        rn, rn_in, stride_ym, SPLIT, QUANT)
 
     @triton.jit
     def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -372,21 +385,8 @@ def _kernels():
                 w = w_next
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        y = tl.sum(acc, axis=1)                                                # [BN]
-        if SPLIT == 1:
-            y *= tl.load(s_ptr + rn_in).to(tl.float32)
-            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-        else:
-            tl.store(part_ptr + (tl.program_id(1) * M + m) * N + rn, y, mask=rn < N)
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if done == SPLIT - 1:
-                total = tl.zeros((BLOCK_N,), tl.float32)
-                for t in tl.static_range(SPLIT):
-                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
-                total *= tl.load(s_ptr + rn_in).to(tl.float32)
-                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
-                tl.atomic_xchg(count_ptr + pid, 0)
+        store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
+                        rn, rn_in, stride_ym, SPLIT, True)
 
     @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
@@ -478,21 +478,8 @@ def _kernels():
                 words, sz = next_words, next_sz
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        y = tl.sum(acc, axis=1) + zacc                                            # [BN] fp32
-        if SPLIT == 1:
-            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-        else:
-            # each split stores its partial sums; the last of the SPLIT programs of this (block, m) to
-            # finish adds them up, stores y and sets the counter back to 0 for the next call
-            tl.store(part_ptr + (s * M + m) * N + rn, y, mask=rn < N)
-            tl.debug_barrier()  # every thread's store before the counter moves
-            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if done == SPLIT - 1:
-                total = tl.zeros((BLOCK_N,), tl.float32)
-                for t in tl.static_range(SPLIT):
-                    total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
-                tl.atomic_xchg(count_ptr + pid, 0)
+        store_row_block(tl.sum(acc, axis=1) + zacc, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in,
+                        stride_ym, SPLIT, False)
 
     @triton.jit
     def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
