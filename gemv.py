@@ -144,10 +144,24 @@ def _kernels():
                 tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
                 tl.atomic_xchg(count_ptr + pid, 0)
 
+    @triton.jit
+    def int8_to_f32(w, PRMT: tl.constexpr):
+        # int8 codes -> fp32 exactly, through the bits of 2^23 + 128 + q: one byte permute a code (PTX prmt on
+        # four codes a register, XORed with 0x80 to make q + 128 unsigned) or a sign extension and an add
+        if PRMT:
+            f = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+                "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+                "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
+                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
+        return f - 8388736.0
+
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
-    globals()["store_row_block"] = store_row_block
+    globals().update(store_row_block=store_row_block, int8_to_f32=int8_to_f32)
 
     @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -155,9 +169,7 @@ def _kernels():
                    STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
                    PEEL: tl.constexpr, PDL: tl.constexpr):
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
-        # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1). int8 -> fp32 exactly: the bits of
-        # 2^23 + 128 + q, minus 2^23 + 128; PRMT builds those bits with one byte permute a weight (4 bytes of
-        # W a register, XORed with 0x80 to make q + 128 unsigned), otherwise a sign extension and an add.
+        # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1); int8 made fp32 by int8_to_f32.
         pid = tl.program_id(0)
         m = pid % M
         rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
@@ -185,14 +197,8 @@ def _kernels():
                 if PDL:
                     tl.extra.cuda.gdc_wait()
                 x = tl.load(x_row + k_lo + x_off, mask=in_k, other=0.0)
-                if QUANT and PRMT:
-                    w = tl.inline_asm_elementwise(
-                        "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
-                        "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
-                        "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
-                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 8388736.0
-                elif QUANT:
-                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                if QUANT:
+                    w = int8_to_f32(w, PRMT)
                 acc += w.to(tl.float32) * x.to(tl.float32)
                 k_start = k_lo + BLOCK_K
             for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):
@@ -203,14 +209,8 @@ def _kernels():
                     in_k = rk[None, :] < k_hi - k0
                     w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
                     x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
-                if QUANT and PRMT:
-                    w = tl.inline_asm_elementwise(
-                        "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
-                        "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
-                        "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
-                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 8388736.0
-                elif QUANT:
-                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                if QUANT:
+                    w = int8_to_f32(w, PRMT)
                 acc += w.to(tl.float32) * x.to(tl.float32)
         else:
             # register prefetch: each step loads the tile AHEAD tiles on before this one's math, so a warp
@@ -232,14 +232,8 @@ def _kernels():
                     x = tl.load(x_row + k0 + x_off)
                 else:
                     x = tl.load(x_row + k0 + x_off, mask=k_pos + k0 < k_hi, other=0.0)
-                if QUANT and PRMT:
-                    w = tl.inline_asm_elementwise(
-                        "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
-                        "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
-                        "prmt.b32 $3, t, 0x4B000000, 0x7653; }",
-                        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4) - 8388736.0
-                elif QUANT:
-                    w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                if QUANT:
+                    w = int8_to_f32(w, PRMT)
                 acc += w.to(tl.float32) * x.to(tl.float32)
                 if AHEAD == 2:
                     w, w2 = w2, w_next
