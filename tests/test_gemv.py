@@ -155,11 +155,14 @@ def test_int4_k_split_leaves_its_counters_at_zero():
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
 
 
-@pytest.mark.parametrize("cfg", [("fma", 8, 256, 4, 1, 4, 1), ("dot", 16, 128, 1, 3, 4)])
+@pytest.mark.parametrize("cfg", [("fma", 8, 256, 4, 1, 4, 1), ("fma_prmt", 8, 256, 4, 1, 4, 2),
+                                 ("int8_fma", 8, 256, 4, 1, 4, 1), ("int8_fma", 16, 128, 4, 1, 2, 2),
+                                 ("dot", 16, 128, 1, 3, 4)])
 def test_dense_k_split_leaves_its_counters_at_zero(cfg):
-    # the fma and dot kernels' K split (int8, K = 640: 5 tiles of 128 or 3 of 256 over 4 splits, one empty):
-    # same sums as the reference, counters back at zero, a second call identical
-    M = 1 if cfg[0] == "fma" else 3
+    # the fma, int8_fma and dot kernels' K split (int8, K = 640: 5 tiles of 128 or 3 of 256, the last one
+    # ragged, over 2 or 4 splits; with 4 one is empty), with tiles loaded ahead: same sums as the reference,
+    # counters back at zero, a second call identical
+    M = 3 if cfg[0] == "dot" else 1
     x, w = problem(M, 97, 640)
     q, scales = Q.int8_quantize(w)
     ref = x.float() @ (q.float() * scales.float()[:, None]).t()
