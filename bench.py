@@ -509,7 +509,7 @@ def gemv_cases(N, K, M, group_size, device, min_bytes, ref_rows=2048):
 
 def gemv_config_rows(shape, M, device, min_bytes, copy_gb_s) -> list[dict]:
     """--all-configs: every gemv.py candidate of the bf16 and int8 ops for one shape and M, each timed the
-    way time_per_call times a kernel (the tuner's own first-call timing is the same kind, in gemv._graph_ms),
+    way time_per_call times a kernel (gemv.time_in_graph, as the tuner times its candidates),
     with its error against dequantize + F.linear."""
     import gemv
 
@@ -537,10 +537,11 @@ def gemv_config_rows(shape, M, device, min_bytes, copy_gb_s) -> list[dict]:
 
 
 def time_per_call(call, copies: int, bytes_per_call: int) -> float:
-    """Microseconds per call, from a CUDA graph of many calls cycling through the weight copies (launches
-    back to back as in a captured decode step, no host overhead), best of 3 replays. The first calls
-    (eager, then on a side stream) compile, tune gemv's configs and warm cuBLAS before capture.
-    On CPU (a smoke test under TRITON_INTERPRET=1) it times one eager call."""
+    """Microseconds per call, from a CUDA graph of many calls cycling through the weight copies
+    (gemv.time_in_graph, as gemv's tuner times its configs). The first, eager calls compile and tune
+    gemv's configs before. On CPU (a smoke test under TRITON_INTERPRET=1) it times one eager call."""
+    import gemv
+
     if not torch.cuda.is_available():
         call(0)
         t = time.perf_counter()
@@ -550,28 +551,7 @@ def time_per_call(call, copies: int, bytes_per_call: int) -> float:
     calls = -(-calls // copies) * copies
     for i in range(copies):
         call(i)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(2):
-            call(i % copies)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            call(i % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return best
+    return gemv.time_in_graph(call, copies, calls) * 1e3
 
 
 def bench_gemv(opts) -> list[dict]:

@@ -542,8 +542,9 @@ _FMA_BF16 = [_cfg("fma", 8, 256, 4, 1), _cfg("fma", 16, 256, 4, 1), _cfg("fma", 
              _cfg("fma", 16, 512, 8, 1), _cfg("fma", 4, 512, 4, 1), _cfg("fma", 8, 256, 4, 3),
              _cfg("fma", 16, 256, 4, 3)]
 # int8 at one row: the configs within ~5% of the best on some llama-3-8b shape in the H200's in-graph sweeps
-# (.gpu-style: every candidate timed as _graph_ms does), plus one K split of each kernel for models whose
-# N gives few programs; the cp.async-pipelined fma configs (stages > 1) read 0.17-0.30 of copy bandwidth.
+# (every candidate timed as time_in_graph does: bench.py gemv --all-configs), plus one K split of each
+# kernel for models whose N gives few programs; the cp.async-pipelined fma configs (stages > 1) read only
+# 0.17-0.30 of copy bandwidth there.
 _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 8, 1024, 4, 1),
              _cfg("fma", 16, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 2, 1),
              _cfg("fma_prmt", 8, 1024, 4, 1), _cfg("fma_prmt", 8, 512, 4, 1), _cfg("int8_fma", 16, 512, 4, 1),
@@ -645,21 +646,21 @@ def _tuning_stream(device_index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device_index)
 
 
-def _graph_ms(launch, c, copies) -> float:
-    """ms per call of config c: launches back to back in a CUDA graph as in a decode step (PDL overlap,
-    launch gaps and split-K reduce kernels included), cycling through weight copies so L2 cannot serve W;
-    best of 3 replays."""
+def time_in_graph(call, copies: int, calls: int) -> float:
+    """ms per call of call(i) (i = 0..copies-1, e.g. one weight copy each, together past L2): calls launches
+    back to back in one CUDA graph, as a decode step runs them (PDL overlap, launch gaps, split-K reduce
+    kernels included; no host overhead); best of 3 replays. The first calls, on the capture stream,
+    compile and warm cuBLAS and split-K's workspace there. (bench.py gemv times kernels the same way.)"""
     side = _tuning_stream(torch.cuda.current_device())  # one for all timings: split-K keeps a workspace per stream
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles, and warms cuBLAS and the split workspace on the capture stream
-        for ws in copies:
-            launch(c, *ws)
+    with torch.cuda.stream(side):
+        for i in range(copies):
+            call(i)
     side.synchronize()
-    calls = max(2 * len(copies), 24)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         for i in range(calls):
-            launch(c, *copies[i % len(copies)])
+            call(i % copies)
     graph.replay()
     best = float("inf")
     for _ in range(3):
@@ -675,7 +676,7 @@ def _graph_ms(launch, c, copies) -> float:
 def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weights: tuple = ()):
     """The config for key: on first sight on a GPU, the fastest of configs, unless FLINT_GEMV_PICKS names
     one. launch(config, *weights) runs the op; each config is timed in a CUDA graph over copies of weights
-    (_graph_ms; FLINT_GEMV_TUNE=bench: triton's do_bench instead, one call at a time with L2 flushed, the
+    (time_in_graph; FLINT_GEMV_TUNE=bench: triton's do_bench instead, one call at a time with L2 flushed, the
     way of earlier versions). Never times during CUDA graph capture (the default is used and kept) and
     never under the interpreter."""
     cfg = _best.get(key)
@@ -709,7 +710,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
         for c in configs:
             try:
                 if in_graph:
-                    times[c] = _graph_ms(launch, c, copies)
+                    times[c] = time_in_graph(lambda i: launch(c, *copies[i]), len(copies), max(2 * len(copies), 24))
                 else:
                     launch(c, *weights)  # compiles
                     times[c] = do_bench(lambda: launch(c, *weights), warmup=5, rep=20, return_mode="median")
