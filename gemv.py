@@ -544,13 +544,17 @@ _FMA_BF16 = [_cfg("fma", 8, 256, 4, 1), _cfg("fma", 16, 256, 4, 1), _cfg("fma", 
 # int8 at one row: the configs within ~5% of the best on some llama-3-8b shape in the H200's in-graph sweeps
 # (every candidate timed as time_in_graph does: bench.py gemv --all-configs), plus one K split of each
 # kernel for models whose N gives few programs; the cp.async-pipelined fma configs (stages > 1) read only
-# 0.17-0.30 of copy bandwidth there.
+# 0.17-0.30 of copy bandwidth there. The last four (2048- and 4096-column tiles: one or two steps a program
+# for K = 4096, every load issued before the first wait; no spills in sm_90 SASS) were added after the
+# sweeps, untimed on a GPU so far: for qkv and o_proj, bound by a program's serial trips to memory.
 _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 8, 1024, 4, 1),
              _cfg("fma", 16, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 2, 1),
              _cfg("fma_prmt", 8, 1024, 4, 1), _cfg("fma_prmt", 8, 512, 4, 1), _cfg("int8_fma", 16, 512, 4, 1),
              _cfg("int8_fma", 16, 512, 4, 1, 1, 1), _cfg("int8_fma", 16, 1024, 4, 1, 1, 1),
              _cfg("int8_fma", 8, 2048, 4, 1), _cfg("int8_fma", 8, 1024, 4, 1, 1, 1),
-             _cfg("int8_fma", 32, 512, 4, 1, 1, 1), _cfg("int8_fma", 8, 1024, 4, 1, 2, 1)]
+             _cfg("int8_fma", 32, 512, 4, 1, 1, 1), _cfg("int8_fma", 8, 1024, 4, 1, 2, 1),
+             _cfg("int8_fma", 8, 4096, 8, 1), _cfg("int8_fma", 4, 4096, 4, 1), _cfg("int8_fma", 16, 2048, 4, 1),
+             _cfg("int8_fma", 4, 2048, 2, 1)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
         _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3), _cfg("dot", 16, 256, 1, 3, 4),
         _cfg("dot", 32, 256, 2, 3, 2), _cfg("dot", 64, 128, 4, 4, 2), _cfg("dot", 32, 128, 1, 4, 4)]
