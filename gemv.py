@@ -728,7 +728,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
         # profiles of the llama-3-8b step: 4.69 ms with cuBLAS split-K on o_proj and down_proj and no PDL,
         # 4.24 ms with fma kernels everywhere and PDL). Timed in a graph, the times say it themselves.
         handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") and not in_graph else 1.0
-        cfg = min(times, key=lambda c: times[c] * (1.0 if c[0] in ("fma", "fma_prmt", "int8_fma", "dot", "int4_fma") else handicap))
+        cfg = min(times, key=lambda c: times[c] * (handicap if c[0] == "dequant" else 1.0))
         _timings[key] = times
     _best[key] = cfg
     return cfg
@@ -794,25 +794,24 @@ def _run_dense(x2, w, scales, cfg):
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
     grid = _grid_rows(kernel, M, N, block_n)
     part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
-    common = dict(QUANT=quant, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, STAGES=stages,
-                  SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_args(x2.device))
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
+                  **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
     if kernel == "int8_fma" and (K % 4 or w.data_ptr() % 4):  # not readable as words: the same with bytes
         kernel = "fma_prmt"
     if kernel == "int8_fma":
         words = w.view(torch.int32)  # [N, K / 4]
         _kernels()["int8_fma"][(grid[0], split)](
-            x2, words, s, y, part, count, M, N, K, x2.stride(0), words.stride(0), y.stride(0), BLOCK_N=block_n,
-            BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, AHEAD=ahead, ASM=not _interpret(),
-            num_warps=warps, num_stages=1, **_pdl_args(x2.device))
+            x2, words, s, y, part, count, M, N, K, x2.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
+            ASM=not _interpret(), num_stages=1, **common)  # the interpreter has no PTX: plain path
     elif kernel in ("fma", "fma_prmt"):
         _kernels()["fma"][(grid[0], split)](
-            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), AHEAD=ahead,
-            PRMT=kernel == "fma_prmt" and not _interpret(), **common)  # the interpreter has no PTX: plain path
+            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), QUANT=quant, STAGES=stages,
+            num_stages=stages, AHEAD=ahead, PRMT=kernel == "fma_prmt" and not _interpret(), **common)
     else:
         _kernels()["dot"][(grid[0], split)](
-            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), BLOCK_M=_block_m(M),
-            **common)
+            x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), QUANT=quant, STAGES=stages,
+            num_stages=stages, BLOCK_M=_block_m(M), **common)
     return y
 
 
@@ -820,7 +819,7 @@ _split_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, 
 
 
 def _split_workspace(device: torch.device, n_part: int, n_count: int):
-    """fp32 partial sums and int32 counters for int4_fma's K split: counters start at 0 and every call
+    """fp32 partial sums and int32 counters for the kernels' K split: counters start at 0 and every call
     leaves them at 0, so one zeroed buffer per device and stream serves every call (kernels of a stream
     run one after another; with PDL a kernel touches them only after its gdc_wait)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
