@@ -453,6 +453,15 @@ GEMV_MODEL = {  # whole-model variant -> (kernel of the layers, kernel of lm_hea
     "int4 today": ("int4 tinygemm", "int8 dequant+cublas"), "int4 triton": ("int4 triton", "int8 triton")}
 
 
+def random_gemv_weights(op, N, K, copies, device, g):
+    """copies of random llama-like weights for op "bf16" or "int8": ([w], [scales]; None scales for bf16)."""
+    if op == "bf16":
+        return ([(torch.randn(N, K, device=device, generator=g) * 0.02).to(torch.bfloat16) for _ in range(copies)],
+                [None] * copies)
+    return ([torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=g) for _ in range(copies)],
+            [(torch.rand(N, device=device, generator=g) * 2e-4 + 1e-4).to(torch.bfloat16) for _ in range(copies)])
+
+
 def gemv_cases(N, K, M, group_size, device, min_bytes, ref_rows=2048):
     """One decode shape: x [M, K] and, per kernel, (name, call(i) -> y [M, N] on weight copy i, bytes of
     weights and scales one call reads, number of copies, reference fp32 [M, ref_rows] of copy 0's first
@@ -472,14 +481,13 @@ def gemv_cases(N, K, M, group_size, device, min_bytes, ref_rows=2048):
 
     cases = []
     n = n_copies(N * K * 2)
-    w = [(torch.randn(N, K, device=device, generator=g) * 0.02).to(torch.bfloat16) for _ in range(n)]
+    w, _ = random_gemv_weights("bf16", N, K, n, device, g)
     ref = x.float() @ w[0][:R].float().t()
     cases.append(("bf16 cublas", lambda i: F.linear(x, w[i]), N * K * 2, n, ref))
     cases.append(("bf16 triton", lambda i: gemv.bf16_linear(x, w[i]), N * K * 2, n, ref))
 
     n8 = n_copies(N * K)
-    q8 = [torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=g) for _ in range(n8)]
-    s8 = [(torch.rand(N, device=device, generator=g) * 2e-4 + 1e-4).to(torch.bfloat16) for _ in range(n8)]
+    q8, s8 = random_gemv_weights("int8", N, K, n8, device, g)
     ref8 = x.float() @ (q8[0][:R].float() * s8[0][:R].float()[:, None]).t()
     bytes8 = N * K + 2 * N
     cases.append(("int8 dequant+cublas", lambda i: F.linear(x, q8[i].to(torch.bfloat16)) * s8[i], bytes8, n8, ref8))
@@ -519,12 +527,7 @@ def gemv_config_rows(shape, M, device, min_bytes, copy_gb_s) -> list[dict]:
     rows = []
     for op, nbytes in (("bf16", 2 * N * K), ("int8", N * K + 2 * N)):
         n = max(1, -(-min_bytes // nbytes))
-        if op == "bf16":
-            ws = [(torch.randn(N, K, device=device, generator=g) * 0.02).to(torch.bfloat16) for _ in range(n)]
-            ss = [None] * n
-        else:
-            ws = [torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=g) for _ in range(n)]
-            ss = [(torch.rand(N, device=device, generator=g) * 2e-4 + 1e-4).to(torch.bfloat16) for _ in range(n)]
+        ws, ss = random_gemv_weights(op, N, K, n, device, g)
         ref = gemv._run_dense(x, ws[0], ss[0], gemv.DEQUANT).float()
         for cfg in gemv.candidates(op, M, K):
             err = ((gemv._run_dense(x, ws[0], ss[0], cfg).float() - ref).abs().max() / ref.abs().max()).item()
