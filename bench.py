@@ -11,6 +11,7 @@ peak) and beside the reference implementation (Hugging Face transformers) run on
 Prints a readable table, or with --json one JSON object per measurement on stdout.
 """
 import argparse
+import functools
 import json
 import sys
 import time
@@ -450,7 +451,10 @@ GEMV_LAYERS = 32
 GEMV_MODEL = {  # whole-model variant -> (kernel of the layers, kernel of lm_head; int8 in every quantize mode)
     "bf16 cublas": ("bf16 cublas", "bf16 cublas"), "bf16 triton": ("bf16 triton", "bf16 triton"),
     "int8 today": ("int8 dequant+cublas", "int8 dequant+cublas"), "int8 triton": ("int8 triton", "int8 triton"),
-    "int4 today": ("int4 tinygemm", "int8 dequant+cublas"), "int4 triton": ("int4 triton", "int8 triton")}
+    "int4 today": ("int4 tinygemm", "int8 dequant+cublas"), "int4 triton": ("int4 triton", "int8 triton"),
+    # ceilings (cuda only): a kernel that only reads the same bytes, once per layer shape
+    "bf16 read": ("read bf16 bytes", "read bf16 bytes"), "int8 read": ("read int8 bytes", "read int8 bytes"),
+    "int4 read": ("read int4 bytes", "read int8 bytes")}
 
 
 def random_gemv_weights(op, N, K, copies, device, g):
@@ -557,6 +561,55 @@ def time_per_call(call, copies: int, bytes_per_call: int) -> float:
     return gemv.time_in_graph(call, copies, calls) * 1e3
 
 
+@functools.cache
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_kernel(src_ptr, out_ptr, n_words, PER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # program p XORs words p * PER .. (p + 1) * PER - 1 of src, BLOCK words a step (each step's loads all
+        # in flight at once); with PDL it waits for the kernel before only after its last load, as a GEMV
+        # that read every weight before touching x would
+        base = tl.program_id(0).to(tl.int64) * PER
+        acc = tl.zeros((BLOCK,), tl.int32)
+        for i in range(0, PER, BLOCK):
+            offs = base + i + tl.arange(0, BLOCK)
+            acc ^= tl.load(src_ptr + offs, mask=offs < n_words, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+    return read_kernel
+
+
+READ_CONFIGS = [(4096, 4096, 4), (8192, 4096, 4), (16384, 4096, 4), (32768, 4096, 4), (16384, 8192, 8),
+                (8192, 2048, 2)]  # (words a program, words a step, warps)
+
+
+def read_ceiling(nbytes: int, device, min_bytes: int) -> tuple[float, tuple]:
+    """Microseconds to read nbytes with a plain streaming kernel (no math), timed like the GEMVs
+    (time_per_call: back to back in a CUDA graph over copies past L2, with PDL where the GEMVs have it):
+    the best of READ_CONFIGS -> (us, config). What a GEMV of that many bytes could take at most, kernel
+    boundaries included."""
+    import gemv
+
+    words = -(-nbytes // 4)
+    copies = max(1, -(-min_bytes // nbytes))
+    src = torch.randint(-2**31, 2**31 - 1, (copies, words), dtype=torch.int32, device=device)
+    out = torch.empty(words // min(c[0] for c in READ_CONFIGS) + 1, dtype=torch.int32, device=device)
+    pdl = {"PDL": True, "launch_pdl": True} if gemv.pdl_supported(device.index or 0) else {"PDL": False}
+    best = (float("inf"), None)
+    for per, block, warps in READ_CONFIGS:
+        grid = (-(-words // per),)
+        us = time_per_call(lambda i: _read_kernel()[grid](src[i], out, words, PER=per, BLOCK=block,
+                                                          num_warps=warps, **pdl), copies, nbytes)
+        best = min(best, (us, (per, block, warps)))
+    del src
+    return best
+
+
 def bench_gemv(opts) -> list[dict]:
     """llama-3-8b decode GEMVs, one kernel at a time: cuBLAS bf16, gemv.py's bf16/int8/int4 Triton kernels,
     today's int8 (bf16 copy + cuBLAS) and int4 (tinygemm). GB/s of weight and scale bytes read beside the
@@ -576,7 +629,7 @@ def bench_gemv(opts) -> list[dict]:
         raise ValueError(f"unknown shape(s) {', '.join(unknown)} (choose from {', '.join(GEMV_SHAPES)})")
     copy_gb_s = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    rows, times = [], {}
+    rows, times, ceilings = [], {}, {}
     for M in [int(m) for m in opts.batch_sizes.split(",")]:
         for shape in shapes:
             N, K = GEMV_SHAPES[shape]
@@ -593,6 +646,18 @@ def bench_gemv(opts) -> list[dict]:
                              "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": err,
                              "config": str(cfg) if cfg else None, "weight_copies": copies})
             del cases
+            if device.type == "cuda":  # the ceiling beside them: the same bytes read by a kernel that only reads
+                for label, nbytes in (("bf16", N * K * 2), ("int8", N * K + 2 * N),
+                                      ("int4", N * K // 2 + N * (K // opts.group_size) * 4)):
+                    if nbytes not in ceilings:
+                        ceilings[nbytes] = read_ceiling(nbytes, device, opts.min_mb << 20)
+                    us, cfg = ceilings[nbytes]
+                    times[M, shape, f"read {label} bytes"] = us
+                    rows.append({"bench": "gemv", "device": name, "shape": shape, "N": N, "K": K, "M": M,
+                                 "kernel": f"read {label} bytes", "group_size": None, "us": us,
+                                 "gb_per_s": nbytes / us / 1e3, "copy_gb_per_s": copy_gb_s,
+                                 "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": 0.0,
+                                 "config": str(cfg), "weight_copies": max(1, -(-(opts.min_mb << 20) // nbytes))})
             if opts.all_configs:
                 rows += gemv_config_rows(shape, M, device, opts.min_mb << 20, copy_gb_s)
             if device.type == "cuda":
