@@ -43,6 +43,14 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          fma_prmt is fma with int8 made fp32 by prmt through inline PTX (pack=4: four codes a register).
          int8_fma reads int8 W as int32 words [N, K/4] (a [BLOCK_N, BLOCK_K/4] tile, four fp32 partial
          sums a word) and takes the next tiles' words ahead as int4_fma does.
+         int8_h2 and int4_h2 are int8_fma and int4_fma with the products in packed fp16 pairs (fp16x2 FMAs,
+         two weights an instruction): x read as bf16 pairs and made fp16, codes made exact fp16 pairs
+         1024 + q by a byte permute (int8) or one LOP3 (int4, two nibbles a word at a time) and scaled to
+         q/64 or (q - 8)/16 by one fp16x2 FMA; each word keeps a pair of fp16 sums (int8: over the program's
+         K; int4: each group's sums scaled into the pair with one more FMA), summed in fp32 at the end. About
+         40% (int8) and 28% (int4) fewer instructions a weight; the error stays below bf16's rounding of y
+         (~1e-3 of max |y|). x must be an fp16 number (|x| < 65504), as decode activations are; tests cover
+         activations of a few thousand.
          int4_fma takes one group a step on a [BLOCK_N, G/8 words] tile (a thread holds a few rows of the
          same words, so the x it loads serves all of them), loads the words of the group one or two ahead
          (its config's fifth number) before this one's math, and splits K over SPLIT programs (the third):
@@ -60,11 +68,13 @@ Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner 
 16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.9-5.3 (int8 fma),
 ~4.0-4.5 (fma_prmt), ~3.9-4.7 (int8_fma) and ~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite)
 instructions per weight, against 4 (int4), 8 (int8) and 16 (bf16) per weight at which 4.2 TB/s over 132
-SMs would saturate their issue. On the H200 (graph-timed, bench.py gemv) the int8 kernels read 0.68 (qkv),
-0.61 (o_proj), 0.91 (gate_up), 0.81 (down_proj) and 1.00 (lm head) of copy bandwidth, where the bf16 fma
-reads 0.90, 0.81, 1.00, 0.92 and 1.05: the small shapes are bound by a program's serial round trips to
-memory, not by instructions. The int4 kernel still reads only 0.29-0.48 (tinygemm 0.30-0.44): it is bound
-by loads in flight.
+SMs would saturate their issue; int8_h2 issues ~2.4-2.8 and int4_h2 ~2.5-2.9. On the H200 (graph-timed,
+bench.py gemv) int8 reads 0.77 (qkv), 0.66 (o_proj), 0.98 (gate_up), 0.87 (down_proj) and 1.06 (lm head) of
+copy bandwidth (int8_h2; int8_fma 0.71/0.63/0.93/0.82/1.01), int4 0.40/0.32/0.54/0.55 (tinygemm
+0.33/0.31/0.44/0.39), where the bf16 fma reads 0.92, 0.83, 1.04, 0.95 and 1.08; bench.py's read ceiling (a
+kernel that only reads the same bytes) is 0.93/0.85/1.05/1.02 for the int8 bytes and 0.80/0.69/1.02/0.96 for
+the int4 ones: int4 is bound by instructions and loads in flight, the small int8 shapes by a program's serial
+round trips to memory.
 
 Candidates: M = 1 the fma configs (and one dot), 2..4 rows both, 5..16 dot, 17..64 (continuous batching's
 decode batches) dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear,
@@ -383,6 +393,91 @@ def _kernels():
                         rn, rn_in, stride_ym, SPLIT, True)
 
     @triton.jit
+    def int8_h2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                       AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # int8_fma's tiles and prefetch, with the products in packed half precision: x is read as int32 words
+        # of two bf16 ([M, K/2]) and made fp16 pairs (x[4c], x[4c+1]), (x[4c+2], x[4c+3]); a weight word's
+        # four codes, XORed with 0x80, become two fp16 pairs 1024 + 128 + q by two byte permutes under the
+        # constant byte 0x64, then q/64 exactly with one fp16x2 FMA (* 2^-6 - 18); two fp16x2 FMAs add
+        # (q/64) x into a word's pair of fp16 partial sums (kept in an int32). 1.75 instructions a weight
+        # against int8_fma's four FP32 ones. q/64 keeps products within fp16 for |x| < 65504 (x itself must be
+        # an fp16 number); the partial sums over one program's K stay short (a few dozen products).
+        C: tl.constexpr = BLOCK_K // 4
+        pid = tl.program_id(0)
+        m = pid % M
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        rn_in = tl.minimum(rn, N - 1)
+        rc = tl.arange(0, C)
+        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
+        x_off = 2 * rc[:, None] + tl.arange(0, 2)[None, :]                      # [C, 2]: x word 2c + i (bf16 pairs)
+        x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
+        if SPLIT == 1:
+            k_lo = 0
+            k_hi = K
+        else:
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k_lo = tl.program_id(1) * per
+            k_hi = tl.minimum(k_lo + per, K)
+        if EVEN_K:
+            k_pos = tl.zeros((BLOCK_N, C), tl.int32)
+            xk_pos = tl.zeros((C, 2), tl.int32)
+        else:
+            k_pos = 4 * rc[None, :] + tl.zeros((BLOCK_N, C), tl.int32)
+            xk_pos = 2 * x_off
+        w = tl.load(w_ptr + k_lo // 4 + w_off, mask=k_pos + k_lo < k_hi, other=0)  # before the wait: W is never written
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if ASM:
+            acc = tl.zeros((BLOCK_N, C), tl.int32)  # two fp16 partial sums a word
+        else:
+            acc = tl.zeros((BLOCK_N, C), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if AHEAD > 0:
+                k_next = k0 + BLOCK_K
+                w_next = tl.load(w_ptr + k_next // 4 + w_off, mask=k_pos + k_next < k_hi, other=0)
+            else:
+                w = tl.load(w_ptr + k0 // 4 + w_off, mask=k_pos + k0 < k_hi, other=0)
+            if EVEN_K:
+                xw = tl.load(x_row + k0 // 2 + x_off)                             # [C, 2] int32
+            else:
+                xw = tl.load(x_row + k0 // 2 + x_off, mask=xk_pos + k0 < k_hi, other=0)
+            x01, x23 = tl.split(xw)                                               # [C] each
+            if ASM:
+                # bf16 pair -> fp16 pair: each half to fp32 bits, then one packing conversion
+                x01, x23 = tl.inline_asm_elementwise(
+                    "{ .reg .b32 a, b, c, d; shl.b32 a, $2, 16; and.b32 b, $2, 0xFFFF0000; cvt.rn.f16x2.f32 $0, b, a; "
+                    "shl.b32 c, $3, 16; and.b32 d, $3, 0xFFFF0000; cvt.rn.f16x2.f32 $1, d, c; }",
+                    "=r,=r,r,r", [x01, x23], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                acc = tl.inline_asm_elementwise(
+                    "{ .reg .b32 u, t0, t1, a, s, z; mov.b32 s, 0x24002400; mov.b32 z, 0xCC80CC80; "
+                    "xor.b32 u, $1, 0x80808080; prmt.b32 t0, u, 0x64646464, 0x5140; prmt.b32 t1, u, 0x64646464, 0x7362; "
+                    "fma.rn.f16x2 t0, t0, s, z; fma.rn.f16x2 t1, t1, s, z; "
+                    "fma.rn.f16x2 a, t0, $2, $4; fma.rn.f16x2 $0, t1, $3, a; }",
+                    "=r,r,r,r,r", [w, x01[None, :], x23[None, :], acc], dtype=tl.int32, is_pure=True, pack=1)
+            else:  # the interpreter has no PTX: the same sums in fp32
+                x0 = (x01 << 16).to(tl.float32, bitcast=True)
+                x1 = (x01 & -65536).to(tl.float32, bitcast=True)
+                x2 = (x23 << 16).to(tl.float32, bitcast=True)
+                x3 = (x23 & -65536).to(tl.float32, bitcast=True)
+                acc += ((w << 24) >> 24).to(tl.float32) * x0[None, :]
+                acc += ((w << 16) >> 24).to(tl.float32) * x1[None, :]
+                acc += ((w << 8) >> 24).to(tl.float32) * x2[None, :]
+                acc += (w >> 24).to(tl.float32) * x3[None, :]
+            if AHEAD > 0:
+                w = w_next
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if ASM:  # the two fp16 halves of each word's sums, to fp32, times 64
+            lo = (acc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (acc >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            y = tl.sum(lo + hi, axis=1) * 64.0
+        else:
+            y = tl.sum(acc, axis=1)
+        store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N, rn, rn_in, stride_ym,
+                        SPLIT, True)
+
+    @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
@@ -476,6 +571,101 @@ def _kernels():
                         stride_ym, SPLIT, False)
 
     @triton.jit
+    def int4_h2_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
+                       stride_ym, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                       AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
+        # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
+        # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
+        # place) with one LOP3, then (q - 8) / 16 exactly with one fp16x2 FMA; four fp16x2 FMAs add the word's
+        # eight products into its pair of fp16 sums (an int32), which one more FMA a group scales by 16 *
+        # scale into the running pair. The zeros' part, zero * sum(x) per group, stays in fp32.
+        W: tl.constexpr = GROUP // 8
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        m = pid % M
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
+        rn_in = tl.minimum(rn, N - 1)
+        rw = tl.arange(0, W)
+        p_off = rn_in[:, None].to(tl.int64) * stride_pn + rw[None, :]           # [BN, W]
+        sz_row = sz_ptr + rn_in.to(tl.int64) * stride_szn                         # [BN]
+        x_off = 4 * rw[:, None] + tl.arange(0, 4)[None, :]                        # [W, 4]: x word 4w + i
+        x_row = x_ptr + m * stride_xm                                             # x as int32 words
+        n_groups = K // GROUP
+        per = tl.cdiv(n_groups, SPLIT)
+        g_lo = s * per
+        g_hi = tl.minimum(g_lo + per, n_groups)
+        tile0, row0 = tl.zeros((BLOCK_N, W), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
+        words = tl.load(p_ptr + g_lo * W + p_off, mask=tile0 + g_lo < g_hi, other=0)
+        sz = tl.load(sz_row + g_lo, mask=row0 + g_lo < g_hi, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if ASM:
+            acc = tl.zeros((BLOCK_N, W), tl.int32)  # a pair of fp16 sums a word, over the groups so far
+        else:
+            acc = tl.zeros((BLOCK_N, W), tl.float32)
+        zacc = tl.zeros((BLOCK_N,), tl.float32)
+        for g in range(g_lo, g_hi):
+            if AHEAD > 0:
+                next_words = tl.load(p_ptr + (g + 1) * W + p_off, mask=tile0 + g + 1 < g_hi, other=0)
+                next_sz = tl.load(sz_row + g + 1, mask=row0 + g + 1 < g_hi, other=0)
+            else:
+                words = tl.load(p_ptr + g * W + p_off)
+                sz = tl.load(sz_row + g)
+            xw = tl.load(x_row + g * (GROUP // 2) + x_off)                       # [W, 4]: (x[8w+2i], x[8w+2i+1])
+            xa, xb = tl.split(tl.reshape(xw, (W, 2, 2)))                          # [W, 2]: i = 0, 2 / 1, 3
+            xw0, xw2 = tl.split(xa)
+            xw1, xw3 = tl.split(xb)
+            x_sum = tl.sum(tl.sum((xw << 16).to(tl.float32, bitcast=True) + (xw & -65536).to(tl.float32, bitcast=True), axis=1), axis=0)
+            scale = (sz << 16).to(tl.float32, bitcast=True)
+            zero = (sz & -65536).to(tl.float32, bitcast=True)
+            zacc += zero * x_sum
+            if ASM:
+                x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                    "{ .reg .b32 a, b; shl.b32 a, $4, 16; shl.b32 b, $6, 16; cvt.rn.f16x2.f32 $0, b, a; "
+                    "and.b32 a, $4, 0xFFFF0000; and.b32 b, $6, 0xFFFF0000; cvt.rn.f16x2.f32 $1, b, a; "
+                    "shl.b32 a, $5, 16; shl.b32 b, $7, 16; cvt.rn.f16x2.f32 $2, b, a; "
+                    "and.b32 a, $5, 0xFFFF0000; and.b32 b, $7, 0xFFFF0000; cvt.rn.f16x2.f32 $3, b, a; }",
+                    "=r,=r,=r,=r,r,r,r,r", [xw0, xw1, xw2, xw3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                    is_pure=True, pack=1)                                         # [W]: fp16 (x[8w+j], x[8w+j+4])
+                part = tl.inline_asm_elementwise(
+                    "{ .reg .b32 a, b, c, d, h, m, f, s0, z0, s1, z1; mov.b32 m, 0x000F000F; mov.b32 f, 0x64006400; "
+                    "mov.b32 s0, 0x2C002C00; mov.b32 z0, 0xD408D408; mov.b32 s1, 0x1C001C00; mov.b32 z1, 0xC480C480; "
+                    "shr.b32 h, $1, 8; lop3.b32 a, $1, m, f, 0xEA; lop3.b32 c, h, m, f, 0xEA; "
+                    "shl.b32 m, m, 4; lop3.b32 b, $1, m, f, 0xEA; lop3.b32 d, h, m, f, 0xEA; "
+                    "fma.rn.f16x2 a, a, s0, z0; fma.rn.f16x2 b, b, s1, z1; fma.rn.f16x2 c, c, s0, z0; "
+                    "fma.rn.f16x2 d, d, s1, z1; mul.rn.f16x2 h, a, $2; fma.rn.f16x2 h, b, $3, h; "
+                    "fma.rn.f16x2 h, c, $4, h; fma.rn.f16x2 $0, d, $5, h; }",
+                    "=r,r,r,r,r,r", [words, x0[None, :], x1[None, :], x2[None, :], x3[None, :]], dtype=tl.int32,
+                    is_pure=True, pack=1)
+                s16 = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $1;", "=r,r", [scale * 16.0],
+                                                dtype=tl.int32, is_pure=True, pack=1)  # [BN]
+                acc = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                                [part, s16[:, None] + tile0, acc], dtype=tl.int32, is_pure=True,
+                                                pack=1)
+            else:  # the interpreter has no PTX: the same sums in fp32
+                part = tl.zeros((BLOCK_N, W), tl.float32)
+                for j in tl.static_range(8):
+                    xwj = (xw0, xw0, xw1, xw1, xw2, xw2, xw3, xw3)[j]
+                    if j % 2 == 0:
+                        xj = (xwj << 16).to(tl.float32, bitcast=True)
+                    else:
+                        xj = (xwj & -65536).to(tl.float32, bitcast=True)
+                    part += (((words >> (4 * j)) & 0xF) - 8).to(tl.float32) * xj[None, :]
+                acc += part * scale[:, None]
+            if AHEAD > 0:
+                words, sz = next_words, next_sz
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if ASM:  # the two fp16 halves of each word's sums, to fp32
+            lo = (acc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (acc >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            y = tl.sum(lo + hi, axis=1) + zacc
+        else:
+            y = tl.sum(acc, axis=1) + zacc
+        store_row_block(y, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in, stride_ym, SPLIT, False)
+
+    @triton.jit
     def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
                         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
         # p: uint8 [N, K/2] (pack_nibbles), one group of columns per step:
@@ -520,7 +710,7 @@ def _kernels():
         z = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(tl.bfloat16), mask=mask)
 
-    return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int4_fma": int4_fma_kernel, "int4_dot": int4_dot_kernel,
+    return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int8_h2": int8_h2_kernel, "int4_fma": int4_fma_kernel, "int4_h2": int4_h2_kernel, "int4_dot": int4_dot_kernel,
             "int4_dequant": int4_dequant_kernel}
 
 
@@ -541,30 +731,31 @@ def _cfg(kernel, block_n, block_k, warps, stages, split=1, ahead=0):
 _FMA_BF16 = [_cfg("fma", 8, 256, 4, 1), _cfg("fma", 16, 256, 4, 1), _cfg("fma", 8, 512, 4, 1),
              _cfg("fma", 16, 512, 8, 1), _cfg("fma", 4, 512, 4, 1), _cfg("fma", 8, 256, 4, 3),
              _cfg("fma", 16, 256, 4, 3)]
-# int8 at one row: the configs within ~5% of the best on some llama-3-8b shape in the H200's in-graph sweeps
-# (every candidate timed as time_in_graph does: bench.py gemv --all-configs), plus one K split of each
-# kernel for models whose N gives few programs; the cp.async-pipelined fma configs (stages > 1) read only
-# 0.17-0.30 of copy bandwidth there. The last four (2048- and 4096-column tiles: one or two steps a program
-# for K = 4096, every load issued before the first wait; no spills in sm_90 SASS) were added after the
-# sweeps, untimed on a GPU so far: for qkv and o_proj, bound by a program's serial trips to memory.
+# int8 at one row: the configs within ~5% of the best on some llama-3-8b shape in the H200's in-graph timings
+# (every candidate timed as time_in_graph does: bench.py gemv --all-configs), plus a K split for models whose
+# N gives few programs. int8_h2 (fp16x2 products) is the fastest on every shape since it came; the first
+# three (fp32 fma, also the candidates for 2..4 rows) and three more fp32 ones stay: the untimed default
+# and the fp32 choice. The cp.async-pipelined fma configs (stages > 1) read only 0.17-0.30 of copy bandwidth.
 _FMA_INT8 = [_cfg("fma", 16, 512, 4, 1), _cfg("fma", 8, 512, 4, 1), _cfg("fma", 8, 1024, 4, 1),
-             _cfg("fma", 16, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 1, 1), _cfg("fma", 8, 512, 4, 1, 2, 1),
-             _cfg("fma_prmt", 8, 1024, 4, 1), _cfg("fma_prmt", 8, 512, 4, 1), _cfg("int8_fma", 16, 512, 4, 1),
-             _cfg("int8_fma", 16, 512, 4, 1, 1, 1), _cfg("int8_fma", 16, 1024, 4, 1, 1, 1),
-             _cfg("int8_fma", 8, 2048, 4, 1), _cfg("int8_fma", 8, 1024, 4, 1, 1, 1),
-             _cfg("int8_fma", 32, 512, 4, 1, 1, 1), _cfg("int8_fma", 8, 1024, 4, 1, 2, 1),
-             _cfg("int8_fma", 8, 4096, 8, 1), _cfg("int8_fma", 4, 4096, 4, 1), _cfg("int8_fma", 16, 2048, 4, 1),
-             _cfg("int8_fma", 4, 2048, 2, 1)]
+             _cfg("int8_fma", 16, 512, 4, 1), _cfg("int8_fma", 8, 2048, 4, 1), _cfg("fma_prmt", 8, 1024, 4, 1),
+             _cfg("int8_h2", 16, 512, 4, 1), _cfg("int8_h2", 16, 512, 4, 1, 1, 1), _cfg("int8_h2", 16, 1024, 4, 1, 1, 1),
+             _cfg("int8_h2", 8, 2048, 4, 1), _cfg("int8_h2", 8, 2048, 4, 1, 1, 1), _cfg("int8_h2", 8, 1024, 4, 1),
+             _cfg("int8_h2", 8, 1024, 4, 1, 1, 1), _cfg("int8_h2", 8, 1024, 8, 1, 1, 1), _cfg("int8_h2", 4, 1024, 2, 1, 1, 1),
+             _cfg("int8_h2", 8, 1024, 4, 1, 2, 1)]
 _DOT = [_cfg("dot", 16, 256, 1, 3), _cfg("dot", 32, 256, 2, 3), _cfg("dot", 64, 128, 4, 4),
         _cfg("dot", 32, 128, 1, 4), _cfg("dot", 64, 256, 4, 3), _cfg("dot", 16, 256, 1, 3, 4),
         _cfg("dot", 32, 256, 2, 3, 2), _cfg("dot", 64, 128, 4, 4, 2), _cfg("dot", 32, 128, 1, 4, 4)]
 # int4_fma: (kernel, BLOCK_N, K split, warps, groups loaded ahead): llama-3-8b's N = 4096 needs a split (32
-# rows a program would be only 128 programs of one warp); a split's partial sums meet in an fp32 workspace
-_FMA_INT4 = [_cfg("int4_fma", 32, 4, 1, 1), _cfg("int4_fma", 64, 1, 1, 1), _cfg("int4_fma", 32, 1, 1, 1),
-             _cfg("int4_fma", 32, 2, 1, 1), _cfg("int4_fma", 32, 8, 1, 1), _cfg("int4_fma", 64, 4, 1, 1),
-             _cfg("int4_fma", 64, 2, 2, 1), _cfg("int4_fma", 16, 4, 1, 1), _cfg("int4_fma", 64, 8, 2, 1),
-             _cfg("int4_fma", 32, 16, 1, 1), _cfg("int4_fma", 64, 16, 2, 1), _cfg("int4_fma", 32, 8, 1, 2),
-             _cfg("int4_fma", 64, 8, 2, 2), _cfg("int4_fma", 64, 4, 1, 2), _cfg("int4_fma", 64, 2, 1, 2)]
+# rows a program would be only 128 programs of one warp); a split's partial sums meet in an fp32 workspace.
+# Kept: the configs within ~5% of the best on some llama-3-8b shape in the H200's in-graph timings since
+# int4_h2 came (the first is the default and the M = 2..4 candidates with the next two).
+_FMA_INT4 = [_cfg("int4_fma", 64, 8, 2, 1), _cfg("int4_fma", 32, 4, 1, 1), _cfg("int4_fma", 64, 2, 1, 2),
+             _cfg("int4_fma", 32, 8, 1, 1), _cfg("int4_fma", 64, 8, 2, 2), _cfg("int4_fma", 64, 4, 1, 1)]
+# int4_h2 (fp16x2 products), the same five numbers; ahead 0 or 1
+_H2_INT4 = [_cfg("int4_h2", 64, 8, 2, 1), _cfg("int4_h2", 64, 2, 1, 1), _cfg("int4_h2", 32, 8, 1, 1),
+            _cfg("int4_h2", 64, 4, 2, 1), _cfg("int4_h2", 64, 16, 2, 1), _cfg("int4_h2", 128, 8, 4, 1),
+            _cfg("int4_h2", 64, 4, 1, 1), _cfg("int4_h2", 32, 16, 1, 1), _cfg("int4_h2", 128, 4, 4, 1),
+            _cfg("int4_h2", 64, 8, 2, 0)]
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
@@ -576,10 +767,10 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
     """The configs _pick chooses from for op ("bf16", "int8", "int4") and M rows; the first is the default
     (used without timing under the interpreter, with FLINT_GEMV_TUNE=0, or in a CUDA graph capture)."""
     if op == "int4":
-        fma = _FMA_INT4
+        fma = _FMA_INT4 + _H2_INT4
         dot = _DOT_INT4
     else:
-        fma = _FMA_BF16 if op == "bf16" else [c for c in _FMA_INT8 if c[0] != "int8_fma" or K % 4 == 0]
+        fma = _FMA_BF16 if op == "bf16" else [c for c in _FMA_INT8 if c[0] not in ("int8_fma", "int8_h2") or K % 4 == 0]
         dot = _DOT
     if M == 1:
         configs = fma + dot[:1]
@@ -768,9 +959,9 @@ def _pdl_args(device: torch.device) -> dict:
 
 
 def _grid_rows(kernel: str, M: int, N: int, block_n: int) -> tuple:
-    """fma kernels: a program per (block of W rows, row of x), rows of x fastest; dot kernels: per block."""
+    """fma and h2 kernels: a program per (block of W rows, row of x), rows of x fastest; dot kernels: per block."""
     programs = -(-N // block_n)
-    return (programs * M,) if "fma" in kernel else (programs,)
+    return (programs,) if "dot" in kernel else (programs * M,)
 
 
 def _block_m(M: int) -> int:
@@ -797,9 +988,16 @@ def _run_dense(x2, w, scales, cfg):
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
                   **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
-    if kernel == "int8_fma" and (K % 4 or w.data_ptr() % 4):  # not readable as words: the same with bytes
+    if kernel in ("int8_fma", "int8_h2") and (K % 4 or w.data_ptr() % 4):  # not readable as words: bytes
         kernel = "fma_prmt"
-    if kernel == "int8_fma":
+    if kernel == "int8_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
+        kernel = "int8_fma"
+    if kernel == "int8_h2":
+        words, x_words = w.view(torch.int32), x2.view(torch.int32)  # [N, K / 4], [M, K / 2]
+        _kernels()["int8_h2"][(grid[0], split)](
+            x_words, words, s, y, part, count, M, N, K, x_words.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
+            ASM=not _interpret(), num_stages=1, **common)
+    elif kernel == "int8_fma":
         words = w.view(torch.int32)  # [N, K / 4]
         _kernels()["int8_fma"][(grid[0], split)](
             x2, words, s, y, part, count, M, N, K, x2.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
@@ -841,7 +1039,18 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
     N = packed.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
     sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
-    if kernel == "int4_fma":
+    if kernel == "int4_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
+        kernel = "int4_fma"
+    if kernel == "int4_h2":
+        words, x_words = packed.view(torch.int32), x2.view(torch.int32)  # [N, K / 8], [M, K / 2]
+        split = block_k
+        grid = _grid_rows(kernel, M, N, block_n)
+        part, count = _split_workspace(x2.device, split * M * N, grid[0])
+        _kernels()["int4_h2"][(grid[0], split)](
+            x_words, words, sz, y, part, count, M, N, K, x_words.stride(0), words.stride(0), sz.stride(0), y.stride(0),
+            GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, ASM=not _interpret(), num_warps=warps,
+            num_stages=1, **_pdl_args(x2.device))
+    elif kernel == "int4_fma":
         words = packed.view(torch.int32)  # [N, K / 8]
         split = block_k
         grid = _grid_rows(kernel, M, N, block_n)

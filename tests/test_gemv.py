@@ -143,20 +143,54 @@ def test_int4_every_config(M, group_size):
     close(gemv.int4_linear(x, packed, sz, group_size), ref)
 
 
-def test_int4_k_split_leaves_its_counters_at_zero():
-    # int4_fma with a K split: the last program of each row block adds the partial sums and resets its
-    # counter, so a second call (and a graph replay) starts from zero and gives the same result
+@pytest.mark.parametrize("kernel", ["int4_fma", "int4_h2"])
+def test_int4_k_split_leaves_its_counters_at_zero(kernel):
+    # int4_fma / int4_h2 with a K split: the last program of each row block adds the partial sums and resets
+    # its counter, so a second call (and a graph replay) starts from zero and gives the same result
     M, G = 3, 32
     x, packed, sz, ref = int4_problem(M, 97, 320, G)  # 10 groups over 4 splits: 3, 3, 3, 1
-    cfg = ("int4_fma", 32, 4, 1, 1)
+    cfg = (kernel, 32, 4, 1, 1)
     first = gemv._run_int4(x, packed, sz, G, cfg)
     close(first, ref)
     assert torch.equal(gemv._run_int4(x, packed, sz, G, cfg), first)
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_h2_kernels_every_config_every_row(M):
+    # int8_h2 / int4_h2 (fp16x2 products) run one program per row of x like the fma kernels; the tuner offers
+    # them at one row today, any row count must still be right
+    x, w = problem(M, 97, 320)
+    q, scales = Q.int8_quantize(w)
+    ref = x.float() @ (q.float() * scales.float()[:, None]).t()
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    for cfg in [c for c in gemv._FMA_INT8 if c[0] == "int8_h2"]:
+        close(gemv._run_dense(x, q, scales, cfg), ref)
+    x4, packed, sz, ref4 = int4_problem(M, 131, 384, 128)
+    for cfg in gemv._H2_INT4:
+        close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
+
+
+def test_int8_and_int4_kernels_take_activations_in_the_thousands():
+    # int8_h2 and int4_h2 multiply in fp16 (codes scaled to q/64, fp16 partial sums): a few activations of a few
+    # thousand (as some models feed their down projection) must neither overflow nor drown the rest
+    x, w = problem(1, 64, 1024)
+    x[0, ::97] = 3000.0
+    q, scales = Q.int8_quantize(w)
+    ref = x.float() @ (q.float() * scales.float()[:, None]).t()
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    for cfg in gemv.candidates("int8", 1, 1024):
+        close(gemv._run_dense(x, q, scales, cfg), ref)
+    x4, packed, sz, _ = int4_problem(1, 64, 1024, 128)  # and int4_h2 the same
+    x4[0, ::97] = 3000.0
+    ref4 = x4.float().cpu() @ gemv.int4_dequantize(packed.cpu(), sz.cpu(), 128).float().t()
+    for cfg in gemv.candidates("int4", 1, 1024, 128):
+        close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
+
+
 @pytest.mark.parametrize("cfg", [("fma", 8, 256, 4, 1, 4, 1), ("fma_prmt", 8, 256, 4, 1, 4, 2),
                                  ("int8_fma", 8, 256, 4, 1, 4, 1), ("int8_fma", 16, 128, 4, 1, 2, 2),
+                                 ("int8_h2", 8, 256, 4, 1, 4, 1), ("int8_h2", 16, 128, 4, 1, 2, 0),
                                  ("dot", 16, 128, 1, 3, 4)])
 def test_dense_k_split_leaves_its_counters_at_zero(cfg):
     # the fma, int8_fma and dot kernels' K split (int8, K = 640: 5 tiles of 128 or 3 of 256, the last one
