@@ -16,7 +16,7 @@ Layouts and kernels:
               (asymmetric; zero = min + 8 * scale). Three layouts (self.layout), chosen by device:
               "gemv" (CUDA with Triton): weight = pack_nibbles(q) [N, K/2], scales_and_zeros [N, K/G, 2],
                 read by gemv.int4_linear;
-              "tinygemm" (CUDA without Triton) and "cpu": weight packed by aten._convert_weight_to_int4pack
+              "tinygemm" (CUDA without Triton, or FLINT_GEMV_INT4=0) and "cpu": weight packed by aten._convert_weight_to_int4pack
                 (_for_cpu) for aten._weight_int4pack_mm(_for_cpu), scales_and_zeros [K/G, N, 2].
 FLINT_GEMV=0 in the environment turns gemv off (the layouts and kernels used before it).
 All kernels run with bf16 activations (and bf16 scales): on CPU the fp32 paths are 4-10x slower, on CUDA
@@ -202,10 +202,9 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.k_padded = math.ceil(in_features / group_size) * group_size
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        # On the H200 (triton 3.6) our int4 kernel reads 0.29-0.48 of copy bandwidth per layer shape, tinygemm
-        # 0.30-0.44, but its first-call tuning picks vary from process to process (decode 301-353 tok/s against
-        # tinygemm's 373): tinygemm stays the default (FLINT_GEMV_INT4=1 selects ours; see BENCHMARKS.md)
-        int4_gemv = use_gemv(dev) and os.environ.get("FLINT_GEMV_INT4", "0") == "1"
+        # gemv.py's int4 kernels on CUDA (FLINT_GEMV_INT4=0: tinygemm): on the H200, llama-3-8b at batch 1,
+        # 404 against tinygemm's 353 tok/s in one machine session (see BENCHMARKS.md)
+        int4_gemv = use_gemv(dev) and os.environ.get("FLINT_GEMV_INT4", "1") != "0"
         self.layout = "gemv" if int4_gemv else "tinygemm" if dev.type == "cuda" else "cpu"
         n_groups = self.k_padded // group_size
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))  # set by set_codes

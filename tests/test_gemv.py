@@ -336,7 +336,7 @@ def gemv_layout(monkeypatch):
     """Modules built while this is active take the layout and kernels they would on a CUDA machine with
     Triton (here run by the interpreter)."""
     monkeypatch.setattr(Q, "use_gemv", lambda device: True)
-    monkeypatch.setenv("FLINT_GEMV_INT4", "1")  # the int4 kernel is opt-in (tinygemm is faster on the H200 today)
+    monkeypatch.delenv("FLINT_GEMV_INT4", raising=False)  # the default: gemv's int4 kernels (0 would be tinygemm)
 
 
 def test_linear_swap_uses_bf16_gemv_for_few_rows_only():
