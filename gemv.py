@@ -155,6 +155,18 @@ def _kernels():
                 tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
+    def k_range(K, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        # the columns k_lo .. k_hi - 1 this program sums over: all of K, or its split's share in whole tiles
+        if SPLIT == 1:
+            k_lo = 0
+            k_hi = K
+        else:
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k_lo = tl.program_id(1) * per
+            k_hi = tl.minimum(k_lo + per, K)
+        return k_lo, k_hi
+
+    @triton.jit
     def int8_to_f32(w, PRMT: tl.constexpr):
         # int8 codes -> fp32 exactly, through the bits of 2^23 + 128 + q: one byte permute a code (PTX prmt on
         # four codes a register, XORed with 0x80 to make q + 128 unsigned) or a sign extension and an add
@@ -171,7 +183,7 @@ def _kernels():
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
-    globals().update(store_row_block=store_row_block, int8_to_f32=int8_to_f32)
+    globals().update(store_row_block=store_row_block, k_range=k_range, int8_to_f32=int8_to_f32)
 
     @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -190,13 +202,7 @@ def _kernels():
         # compiler loads each element once per thread
         x_off = 0 * rn_in[:, None] + rk[None, :]                               # [BN, BK]
         x_row = x_ptr + m * stride_xm
-        if SPLIT == 1:
-            k_lo = 0
-            k_hi = K
-        else:  # whole tiles per split
-            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
-            k_lo = tl.program_id(1) * per
-            k_hi = tl.minimum(k_lo + per, K)
+        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         if AHEAD == 0:
             k_start = k_lo
@@ -268,13 +274,7 @@ def _kernels():
         rk = tl.arange(0, BLOCK_K)
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]           # [BN, BK]
         x_off = rm_in[:, None] * stride_xm + rk[None, :]                         # [BM, BK]
-        if SPLIT == 1:
-            k_lo = 0
-            k_hi = K
-        else:  # whole tiles per split (N = 4096 in blocks of 64 rows is only 64 programs)
-            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
-            k_lo = tl.program_id(1) * per
-            k_hi = tl.minimum(k_lo + per, K)
+        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)  # (N = 4096 in blocks of 64 rows is only 64 programs)
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         k_start = k_lo
         if PEEL:  # as in fma_kernel: W's first tile before waiting for the kernel that writes x
@@ -333,13 +333,7 @@ def _kernels():
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
         x_off = 4 * rc[:, None] + tl.arange(0, 4)[None, :]                      # [C, 4]: x of word c, byte j
         x_row = x_ptr + m * stride_xm
-        if SPLIT == 1:
-            k_lo = 0
-            k_hi = K
-        else:
-            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
-            k_lo = tl.program_id(1) * per
-            k_hi = tl.minimum(k_lo + per, K)
+        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)
         # masks past k_hi: per tile (whole tiles) or per word (a ragged K, K % 4 == 0)
         if EVEN_K:
             k_pos = tl.zeros((BLOCK_N, C), tl.int32)
@@ -412,13 +406,7 @@ def _kernels():
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
         x_off = 2 * rc[:, None] + tl.arange(0, 2)[None, :]                      # [C, 2]: x word 2c + i (bf16 pairs)
         x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
-        if SPLIT == 1:
-            k_lo = 0
-            k_hi = K
-        else:
-            per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
-            k_lo = tl.program_id(1) * per
-            k_hi = tl.minimum(k_lo + per, K)
+        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)
         if EVEN_K:
             k_pos = tl.zeros((BLOCK_N, C), tl.int32)
             xk_pos = tl.zeros((C, 2), tl.int32)
