@@ -50,7 +50,7 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          K; int4: each group's sums scaled into the pair with one more FMA), summed in fp32 at the end. About
          40% (int8) and 28% (int4) fewer instructions a weight; the error stays below bf16's rounding of y
          (~1e-3 of max |y|). x must be an fp16 number (|x| < 65504), as decode activations are; tests cover
-         activations of a few thousand.
+         activations of a few thousand. FLINT_GEMV_FP16=0 leaves them out of the candidates (fp32 products only).
          int4_fma takes one group a step on a [BLOCK_N, G/8 words] tile (a thread holds a few rows of the
          same words, so the x it loads serves all of them), loads the words of the group one or two ahead
          (its config's fifth number) before this one's math, and splits K over SPLIT programs (the third):
@@ -760,6 +760,8 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
     else:
         fma = _FMA_BF16 if op == "bf16" else [c for c in _FMA_INT8 if c[0] not in ("int8_fma", "int8_h2") or K % 4 == 0]
         dot = _DOT
+    if os.environ.get("FLINT_GEMV_FP16", "1") == "0":  # no fp16 products (a model whose activations leave fp16's range)
+        fma = [c for c in fma if not c[0].endswith("_h2")]
     if M == 1:
         configs = fma + dot[:1]
     elif M <= FMA_MAX_M:

@@ -171,6 +171,15 @@ def test_h2_kernels_every_config_every_row(M):
         close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
 
 
+def test_fp16_products_can_be_left_out_of_the_candidates(monkeypatch):
+    assert any(c[0] == "int8_h2" for c in gemv.candidates("int8", 1, 4096))
+    assert any(c[0] == "int4_h2" for c in gemv.candidates("int4", 1, 4096, 128))
+    monkeypatch.setenv("FLINT_GEMV_FP16", "0")
+    for op in ("int8", "int4"):
+        configs = gemv.candidates(op, 1, 4096, 128 if op == "int4" else 0)
+        assert configs and not any(c[0].endswith("_h2") for c in configs)
+
+
 def test_int8_and_int4_kernels_take_activations_in_the_thousands():
     # int8_h2 and int4_h2 multiply in fp16 (codes scaled to q/64, fp16 partial sums): a few activations of a few
     # thousand (as some models feed their down projection) must neither overflow nor drown the rest
