@@ -599,7 +599,7 @@ def read_ceiling(nbytes: int, device, min_bytes: int) -> tuple[float, tuple]:
     copies = max(1, -(-min_bytes // nbytes))
     src = torch.randint(-2**31, 2**31 - 1, (copies, words), dtype=torch.int32, device=device)
     out = torch.empty(words // min(c[0] for c in READ_CONFIGS) + 1, dtype=torch.int32, device=device)
-    pdl = {"PDL": True, "launch_pdl": True} if gemv.pdl_supported(device.index or 0) else {"PDL": False}
+    pdl = {k: v for k, v in gemv._pdl_args(device).items() if k in ("PDL", "launch_pdl")}  # as the GEMVs launch
     best = (float("inf"), None)
     for per, block, warps in READ_CONFIGS:
         grid = (-(-words // per),)

@@ -395,8 +395,9 @@ def _kernels():
         # four codes, XORed with 0x80, become two fp16 pairs 1024 + 128 + q by two byte permutes under the
         # constant byte 0x64, then q/64 exactly with one fp16x2 FMA (* 2^-6 - 18); two fp16x2 FMAs add
         # (q/64) x into a word's pair of fp16 partial sums (kept in an int32): 1.75 PTX instructions a weight
-        # (2.4-2.8 in the SASS loop, loads and x included) against int8_fma's 3.9-4.7. q/64 keeps products within fp16 for |x| < 65504 (x itself must be
-        # an fp16 number); the partial sums over one program's K stay short (a few dozen products).
+        # (2.4-2.8 in the SASS loop, loads and x included) against int8_fma's 3.9-4.7. q/64 keeps products
+        # within fp16 for |x| < 65504 (x itself must be an fp16 number); the partial sums over one program's
+        # K stay short (a few dozen products).
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
         m = pid % M
@@ -604,7 +605,8 @@ def _kernels():
             xa, xb = tl.split(tl.reshape(xw, (W, 2, 2)))                          # [W, 2]: i = 0, 2 / 1, 3
             xw0, xw2 = tl.split(xa)
             xw1, xw3 = tl.split(xb)
-            x_sum = tl.sum(tl.sum((xw << 16).to(tl.float32, bitcast=True) + (xw & -65536).to(tl.float32, bitcast=True), axis=1), axis=0)
+            pair_sums = (xw << 16).to(tl.float32, bitcast=True) + (xw & -65536).to(tl.float32, bitcast=True)  # [W, 4]
+            x_sum = tl.sum(tl.sum(pair_sums, axis=1), axis=0)
             scale = (sz << 16).to(tl.float32, bitcast=True)
             zero = (sz & -65536).to(tl.float32, bitcast=True)
             zacc += zero * x_sum
@@ -698,7 +700,8 @@ def _kernels():
         z = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(tl.bfloat16), mask=mask)
 
-    return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int8_h2": int8_h2_kernel, "int4_fma": int4_fma_kernel, "int4_h2": int4_h2_kernel, "int4_dot": int4_dot_kernel,
+    return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int8_h2": int8_h2_kernel,
+            "int4_fma": int4_fma_kernel, "int4_h2": int4_h2_kernel, "int4_dot": int4_dot_kernel,
             "int4_dequant": int4_dequant_kernel}
 
 
@@ -965,7 +968,7 @@ def _unpack(cfg):
 
 
 def _run_dense(x2, w, scales, cfg):
-    """bf16 (scales None) or int8 through fma_kernel / dot_kernel with config cfg -> y bf16 [M, N]."""
+    """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2 or dot kernel with config cfg -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages, split, ahead = _unpack(cfg)
     quant = scales is not None
     if kernel == "dequant":
@@ -982,15 +985,11 @@ def _run_dense(x2, w, scales, cfg):
         kernel = "fma_prmt"
     if kernel == "int8_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int8_fma"
-    if kernel == "int8_h2":
-        words, x_words = w.view(torch.int32), x2.view(torch.int32)  # [N, K / 4], [M, K / 2]
-        _kernels()["int8_h2"][(grid[0], split)](
-            x_words, words, s, y, part, count, M, N, K, x_words.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
-            ASM=not _interpret(), num_stages=1, **common)
-    elif kernel == "int8_fma":
+    if kernel in ("int8_fma", "int8_h2"):
         words = w.view(torch.int32)  # [N, K / 4]
-        _kernels()["int8_fma"][(grid[0], split)](
-            x2, words, s, y, part, count, M, N, K, x2.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
+        xs = x2.view(torch.int32) if kernel == "int8_h2" else x2  # h2 reads x as bf16 pairs [M, K / 2]
+        _kernels()[kernel][(grid[0], split)](
+            xs, words, s, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
             ASM=not _interpret(), num_stages=1, **common)  # the interpreter has no PTX: plain path
     elif kernel in ("fma", "fma_prmt"):
         _kernels()["fma"][(grid[0], split)](
@@ -1021,7 +1020,7 @@ def _split_workspace(device: torch.device, n_part: int, n_count: int):
 
 
 def _run_int4(x2, packed, scales_zeros, group_size, cfg):
-    """int4 through int4_fma_kernel / int4_dot_kernel with config cfg -> y bf16 [M, N]."""
+    """int4 through int4_fma_kernel / int4_h2_kernel / int4_dot_kernel with config cfg -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages = cfg
     if kernel == "dequant":
         return F.linear(x2, int4_dequantize(packed, scales_zeros, group_size))
@@ -1031,25 +1030,19 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
     sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
     if kernel == "int4_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int4_fma"
-    if kernel == "int4_h2":
-        words, x_words = packed.view(torch.int32), x2.view(torch.int32)  # [N, K / 8], [M, K / 2]
-        split = block_k
-        grid = _grid_rows(kernel, M, N, block_n)
-        part, count = _split_workspace(x2.device, split * M * N, grid[0])
-        _kernels()["int4_h2"][(grid[0], split)](
-            x_words, words, sz, y, part, count, M, N, K, x_words.stride(0), words.stride(0), sz.stride(0), y.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, ASM=not _interpret(), num_warps=warps,
-            num_stages=1, **_pdl_args(x2.device))
-    elif kernel == "int4_fma":
+    if kernel in ("int4_fma", "int4_h2"):
         words = packed.view(torch.int32)  # [N, K / 8]
         split = block_k
         grid = _grid_rows(kernel, M, N, block_n)
         part, count = _split_workspace(x2.device, split * M * N, grid[0])
-        pdl = _pdl_args(x2.device)
-        _kernels()["int4_fma"][(grid[0], split)](
-            x2, words, sz, y, part, count, M, N, K, x2.stride(0), words.stride(0), sz.stride(0), y.stride(0),
-            0x43000000, 0x45000000, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps,
-            num_stages=1, **pdl)
+        if kernel == "int4_h2":  # x as bf16 pairs [M, K / 2]; inline PTX unless interpreted
+            xs, extra, asm = x2.view(torch.int32), (), {"ASM": not _interpret()}
+        else:  # int4_fma's OR constants arrive as runtime values (see the kernel)
+            xs, extra, asm = x2, (0x43000000, 0x45000000), {}
+        _kernels()[kernel][(grid[0], split)](
+            xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
+            *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps, num_stages=1,
+            **asm, **_pdl_args(x2.device))
     else:
         _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
