@@ -167,6 +167,50 @@ def _kernels():
         return k_lo, k_hi
 
     @triton.jit
+    def row_block(M, N, BLOCK_N: tl.constexpr):
+        # a program of the fma and h2 kernels (one per block of BLOCK_N rows of W and row of x, rows of x
+        # fastest): its row m of x, its rows rn of W, and rn clamped into W (loads stay in bounds, stores mask)
+        pid = tl.program_id(0)
+        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
+        return pid % M, rn, tl.minimum(rn, N - 1)
+
+    @triton.jit
+    def int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+        # int8 W read as int32 words [N, K/4] in [BN, BK/4] tiles (int8_fma, int8_h2): the tile's offsets, the
+        # program's columns k_lo .. k_hi - 1, each word's column for the masks past k_hi (per tile for whole
+        # tiles, per word for a ragged K, K % 4 == 0), and the first tile, loaded before PDL's wait (W is
+        # never written)
+        rc = tl.arange(0, BLOCK_K // 4)
+        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
+        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)
+        if EVEN_K:
+            k_pos = tl.zeros((BLOCK_N, BLOCK_K // 4), tl.int32)
+        else:
+            k_pos = 4 * rc[None, :] + tl.zeros((BLOCK_N, BLOCK_K // 4), tl.int32)
+        w = tl.load(w_ptr + k_lo // 4 + w_off, mask=k_pos + k_lo < k_hi, other=0)
+        return w_off, k_lo, k_hi, k_pos, w
+
+    @triton.jit
+    def int4_group_tile(p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        # int4 words [N, K/8] a group at a time (int4_fma, int4_h2): the [BN, G/8] tile's offsets, the rows'
+        # scale pointers, the groups g_lo .. g_hi - 1 of split program_id(1), zero tiles to spread a group
+        # index over for masks (a scalar mask works compiled but not in Triton's interpreter), and the first
+        # group's words and scales, loaded before PDL's wait (W and its scales are never written)
+        rw = tl.arange(0, GROUP // 8)
+        p_off = rn_in[:, None].to(tl.int64) * stride_pn + rw[None, :]           # [BN, W]
+        sz_row = sz_ptr + rn_in.to(tl.int64) * stride_szn                         # [BN]
+        n_groups = K // GROUP
+        per = tl.cdiv(n_groups, SPLIT)
+        g_lo = tl.program_id(1) * per
+        g_hi = tl.minimum(g_lo + per, n_groups)
+        tile0, row0 = tl.zeros((BLOCK_N, GROUP // 8), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
+        words = tl.load(p_ptr + g_lo * (GROUP // 8) + p_off, mask=tile0 + g_lo < g_hi, other=0)
+        sz = tl.load(sz_row + g_lo, mask=row0 + g_lo < g_hi, other=0)
+        return p_off, sz_row, g_lo, g_hi, tile0, row0, words, sz
+
+    @triton.jit
     def int8_to_f32(w, PRMT: tl.constexpr):
         # int8 codes -> fp32 exactly, through the bits of 2^23 + 128 + q: one byte permute a code (PTX prmt on
         # four codes a register, XORed with 0x80 to make q + 128 unsigned) or a sign extension and an add
@@ -183,7 +227,8 @@ def _kernels():
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
-    globals().update(store_row_block=store_row_block, k_range=k_range, int8_to_f32=int8_to_f32)
+    globals().update(store_row_block=store_row_block, k_range=k_range, row_block=row_block,
+                     int8_word_tile=int8_word_tile, int4_group_tile=int4_group_tile, int8_to_f32=int8_to_f32)
 
     @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -193,9 +238,7 @@ def _kernels():
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
         # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1); int8 made fp32 by int8_to_f32.
         pid = tl.program_id(0)
-        m = pid % M
-        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        rn_in = tl.minimum(rn, N - 1)
+        m, rn, rn_in = row_block(M, N, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)                                             # [BK]
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]          # [BN, BK]
         # x as a [BN, BK] tile whose rows are all x[m]: it gets w's register layout, so no shuffles; the
@@ -326,22 +369,14 @@ def _kernels():
         # when ASM; the same with shifts and masks otherwise), minus 2^23 + 128 in one FADD.
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
-        m = pid % M
-        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        rn_in = tl.minimum(rn, N - 1)
-        rc = tl.arange(0, C)
-        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
-        x_off = 4 * rc[:, None] + tl.arange(0, 4)[None, :]                      # [C, 4]: x of word c, byte j
-        x_row = x_ptr + m * stride_xm
-        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)
-        # masks past k_hi: per tile (whole tiles) or per word (a ragged K, K % 4 == 0)
-        if EVEN_K:
-            k_pos = tl.zeros((BLOCK_N, C), tl.int32)
+        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
+        x_off = 4 * tl.arange(0, C)[:, None] + tl.arange(0, 4)[None, :]         # [C, 4]: x of word c, byte j
+        if EVEN_K:  # masks past k_hi, as k_pos
             xk_pos = tl.zeros((C, 4), tl.int32)
         else:
-            k_pos = 4 * rc[None, :] + tl.zeros((BLOCK_N, C), tl.int32)
             xk_pos = x_off
-        w = tl.load(w_ptr + k_lo // 4 + w_off, mask=k_pos + k_lo < k_hi, other=0)  # before the wait: W is never written
+        x_row = x_ptr + m * stride_xm
         if AHEAD == 2:
             w2 = tl.load(w_ptr + (k_lo + BLOCK_K) // 4 + w_off, mask=k_pos + k_lo + BLOCK_K < k_hi, other=0)
         if PDL:
@@ -400,21 +435,14 @@ def _kernels():
         # K stay short (a few dozen products).
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
-        m = pid % M
-        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
-        rn_in = tl.minimum(rn, N - 1)
-        rc = tl.arange(0, C)
-        w_off = rn_in[:, None].to(tl.int64) * stride_wn + rc[None, :]          # [BN, C] words
-        x_off = 2 * rc[:, None] + tl.arange(0, 2)[None, :]                      # [C, 2]: x word 2c + i (bf16 pairs)
-        x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
-        k_lo, k_hi = k_range(K, BLOCK_K, SPLIT)
-        if EVEN_K:
-            k_pos = tl.zeros((BLOCK_N, C), tl.int32)
+        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
+        x_off = 2 * tl.arange(0, C)[:, None] + tl.arange(0, 2)[None, :]         # [C, 2]: x word 2c + i (bf16 pairs)
+        if EVEN_K:  # masks past k_hi, as k_pos
             xk_pos = tl.zeros((C, 2), tl.int32)
         else:
-            k_pos = 4 * rc[None, :] + tl.zeros((BLOCK_N, C), tl.int32)
             xk_pos = 2 * x_off
-        w = tl.load(w_ptr + k_lo // 4 + w_off, mask=k_pos + k_lo < k_hi, other=0)  # before the wait: W is never written
+        x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
         if PDL:
             tl.extra.cuda.gdc_wait()
         if ASM:
@@ -478,25 +506,14 @@ def _kernels():
         W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        m = pid % M
-        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
-        rn_in = tl.minimum(rn, N - 1)
+        m, rn, rn_in = row_block(M, N, BLOCK_N)
         rw = tl.arange(0, W)
-        p_off = rn_in[:, None].to(tl.int64) * stride_pn + rw[None, :]           # [BN, W]
-        sz_row = sz_ptr + rn_in.to(tl.int64) * stride_szn                         # [BN]
         x_row = x_ptr + m * stride_xm
-        n_groups = K // GROUP
-        per = tl.cdiv(n_groups, SPLIT)
-        g_lo = s * per
-        g_hi = tl.minimum(g_lo + per, n_groups)
-        # the first groups' words and scales: W and its scales are never written, so with PDL they load
-        # while the previous kernel (which writes x) still runs; each step then loads group g + AHEAD
-        # before computing group g (AHEAD + 1 groups in flight per program); nothing past the split's end
-        # (masks: a group index spread over the tile and compared with g_hi; a scalar mask works compiled
-        # but not in Triton's interpreter)
-        tile0, row0 = tl.zeros((BLOCK_N, W), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
-        words = tl.load(p_ptr + g_lo * W + p_off, mask=tile0 + g_lo < g_hi, other=0)
-        sz = tl.load(sz_row + g_lo, mask=row0 + g_lo < g_hi, other=0)
+        # the first groups' words and scales load while the previous kernel (which writes x) still runs; each
+        # step then loads group g + AHEAD before computing group g (AHEAD + 1 groups in flight per program);
+        # nothing past the split's end
+        p_off, sz_row, g_lo, g_hi, tile0, row0, words, sz = int4_group_tile(
+            p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP, BLOCK_N, SPLIT)
         if AHEAD == 2:
             words2 = tl.load(p_ptr + (g_lo + 1) * W + p_off, mask=tile0 + g_lo + 1 < g_hi, other=0)
             sz2 = tl.load(sz_row + g_lo + 1, mask=row0 + g_lo + 1 < g_hi, other=0)
@@ -572,21 +589,11 @@ def _kernels():
         W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        m = pid % M
-        rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
-        rn_in = tl.minimum(rn, N - 1)
-        rw = tl.arange(0, W)
-        p_off = rn_in[:, None].to(tl.int64) * stride_pn + rw[None, :]           # [BN, W]
-        sz_row = sz_ptr + rn_in.to(tl.int64) * stride_szn                         # [BN]
-        x_off = 4 * rw[:, None] + tl.arange(0, 4)[None, :]                        # [W, 4]: x word 4w + i
+        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        x_off = 4 * tl.arange(0, W)[:, None] + tl.arange(0, 4)[None, :]          # [W, 4]: x word 4w + i
         x_row = x_ptr + m * stride_xm                                             # x as int32 words
-        n_groups = K // GROUP
-        per = tl.cdiv(n_groups, SPLIT)
-        g_lo = s * per
-        g_hi = tl.minimum(g_lo + per, n_groups)
-        tile0, row0 = tl.zeros((BLOCK_N, W), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
-        words = tl.load(p_ptr + g_lo * W + p_off, mask=tile0 + g_lo < g_hi, other=0)
-        sz = tl.load(sz_row + g_lo, mask=row0 + g_lo < g_hi, other=0)
+        p_off, sz_row, g_lo, g_hi, tile0, row0, words, sz = int4_group_tile(
+            p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP, BLOCK_N, SPLIT)
         if PDL:
             tl.extra.cuda.gdc_wait()
         if ASM:
