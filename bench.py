@@ -588,11 +588,11 @@ READ_CONFIGS = [(4096, 4096, 4), (8192, 4096, 4), (16384, 4096, 4), (32768, 4096
                 (8192, 2048, 2)]  # (words a program, words a step, warps)
 
 
-def read_ceiling(nbytes: int, device, min_bytes: int) -> tuple[float, tuple]:
+def read_ceiling(nbytes: int, device, min_bytes: int) -> tuple[float, tuple, int]:
     """Microseconds to read nbytes with a plain streaming kernel (no math), timed like the GEMVs
     (time_per_call: back to back in a CUDA graph over copies past L2, with PDL where the GEMVs have it):
-    the best of READ_CONFIGS -> (us, config). What a GEMV of that many bytes could take at most, kernel
-    boundaries included."""
+    the best of READ_CONFIGS -> (us, config, copies read). What a GEMV of that many bytes could take at
+    most, kernel boundaries included."""
     import gemv
 
     words = -(-nbytes // 4)
@@ -607,7 +607,7 @@ def read_ceiling(nbytes: int, device, min_bytes: int) -> tuple[float, tuple]:
                                                           num_warps=warps, **pdl), copies, nbytes)
         best = min(best, (us, (per, block, warps)))
     del src
-    return best
+    return best + (copies,)
 
 
 def bench_gemv(opts) -> list[dict]:
@@ -630,6 +630,14 @@ def bench_gemv(opts) -> list[dict]:
     copy_gb_s = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     rows, times, ceilings = [], {}, {}
+
+    def row(shape, M, kernel, us, nbytes, err, cfg, copies):
+        N, K = GEMV_SHAPES[shape]
+        return {"bench": "gemv", "device": name, "shape": shape, "N": N, "K": K, "M": M, "kernel": kernel,
+                "group_size": opts.group_size if kernel.startswith("int4") else None, "us": us,
+                "gb_per_s": nbytes / us / 1e3, "copy_gb_per_s": copy_gb_s, "bw_fraction": nbytes / us / 1e3 / copy_gb_s,
+                "max_rel_err": err, "config": str(cfg) if cfg else None, "weight_copies": copies}
+
     for M in [int(m) for m in opts.batch_sizes.split(",")]:
         for shape in shapes:
             N, K = GEMV_SHAPES[shape]
@@ -640,24 +648,16 @@ def bench_gemv(opts) -> list[dict]:
                 times[M, shape, kernel] = us
                 op = {"bf16 triton": "bf16", "int8 triton": "int8", "int4 triton": "int4"}.get(kernel)
                 cfg = gemv.config_for(op, M, N, K, opts.group_size if op == "int4" else 0, device) if op else None
-                rows.append({"bench": "gemv", "device": name, "shape": shape, "N": N, "K": K, "M": M,
-                             "kernel": kernel, "group_size": opts.group_size if kernel.startswith("int4") else None,
-                             "us": us, "gb_per_s": nbytes / us / 1e3, "copy_gb_per_s": copy_gb_s,
-                             "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": err,
-                             "config": str(cfg) if cfg else None, "weight_copies": copies})
+                rows.append(row(shape, M, kernel, us, nbytes, err, cfg, copies))
             del cases
             if device.type == "cuda":  # the ceiling beside them: the same bytes read by a kernel that only reads
                 for label, nbytes in (("bf16", N * K * 2), ("int8", N * K + 2 * N),
                                       ("int4", N * K // 2 + N * (K // opts.group_size) * 4)):
                     if nbytes not in ceilings:
                         ceilings[nbytes] = read_ceiling(nbytes, device, opts.min_mb << 20)
-                    us, cfg = ceilings[nbytes]
+                    us, cfg, copies = ceilings[nbytes]
                     times[M, shape, f"read {label} bytes"] = us
-                    rows.append({"bench": "gemv", "device": name, "shape": shape, "N": N, "K": K, "M": M,
-                                 "kernel": f"read {label} bytes", "group_size": None, "us": us,
-                                 "gb_per_s": nbytes / us / 1e3, "copy_gb_per_s": copy_gb_s,
-                                 "bw_fraction": nbytes / us / 1e3 / copy_gb_s, "max_rel_err": 0.0,
-                                 "config": str(cfg), "weight_copies": max(1, -(-(opts.min_mb << 20) // nbytes))})
+                    rows.append(row(shape, M, f"read {label} bytes", us, nbytes, 0.0, cfg, copies))
             if opts.all_configs:
                 rows += gemv_config_rows(shape, M, device, opts.min_mb << 20, copy_gb_s)
             if device.type == "cuda":
