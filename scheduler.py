@@ -62,10 +62,13 @@ class Metrics:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        gb_s = (self.weight_bytes_per_step * self.decode_steps + self.kv_read_bytes) / max(self.decode_s, 1e-9) / 1e9
-        return (f"TTFT {self.ttft_s * 1000:.0f} ms | decode {self.decode_tok_per_s:.1f} tok/s "
-                f"({self.batch_size} x {self.decode_steps} steps, ~{gb_s:.1f} GB/s) | "
-                f"peak memory {self.peak_memory_bytes / 1e9:.2f} GB")
+        if self.decode_tok_per_s > 0:
+            gb_s = (self.weight_bytes_per_step * self.decode_steps + self.kv_read_bytes) / max(self.decode_s, 1e-9) / 1e9
+            decode = (f"decode {self.decode_tok_per_s:.1f} tok/s "
+                      f"({self.batch_size} x {self.decode_steps} steps, ~{gb_s:.1f} GB/s)")
+        else:  # every row stopped at its first token: no decode rate to report
+            decode = "decode: no tokens after the first"
+        return f"TTFT {self.ttft_s * 1000:.0f} ms | {decode} | peak memory {self.peak_memory_bytes / 1e9:.2f} GB"
 
 
 def pick_device(device: str = "auto") -> torch.device:

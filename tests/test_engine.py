@@ -106,3 +106,15 @@ def test_prompt_longer_than_context_is_rejected(engine):
 def test_empty_prompt_is_rejected(engine):
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([[]], SamplingParams(max_new_tokens=4))
+
+
+def test_metrics_summary_without_decode_steps():
+    # a request that stops at its first token has no decode rate: the log says so instead of a made-up GB/s
+    from scheduler import Metrics
+
+    done = Metrics(batch_size=1, new_tokens=1, ttft_s=0.08, decode_s=1e-6, decode_steps=1, decode_tok_per_s=0.0,
+                   weight_bytes_per_step=10**9)
+    assert "no tokens after the first" in done.summary() and "GB/s" not in done.summary()
+    running = Metrics(batch_size=1, new_tokens=11, ttft_s=0.08, decode_s=0.5, decode_steps=10, decode_tok_per_s=20.0,
+                      weight_bytes_per_step=10**9)
+    assert "20.0 tok/s" in running.summary() and "~20.0 GB/s" in running.summary()
