@@ -175,6 +175,11 @@ def _kernels():
         return pid % M, rn, tl.minimum(rn, N - 1)
 
     @triton.jit
+    def word_tile_at(w_ptr, w_off, k_pos, k, k_hi):
+        # int8 W's [BN, BK/4] word tile at column k (a multiple of 4), zeros past k_hi
+        return tl.load(w_ptr + k // 4 + w_off, mask=k_pos + k < k_hi, other=0)
+
+    @triton.jit
     def int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
         # int8 W read as int32 words [N, K/4] in [BN, BK/4] tiles (int8_fma, int8_h2): the tile's offsets, the
@@ -188,8 +193,18 @@ def _kernels():
             k_pos = tl.zeros((BLOCK_N, BLOCK_K // 4), tl.int32)
         else:
             k_pos = 4 * rc[None, :] + tl.zeros((BLOCK_N, BLOCK_K // 4), tl.int32)
-        w = tl.load(w_ptr + k_lo // 4 + w_off, mask=k_pos + k_lo < k_hi, other=0)
-        return w_off, k_lo, k_hi, k_pos, w
+        return w_off, k_lo, k_hi, k_pos, word_tile_at(w_ptr, w_off, k_pos, k_lo, k_hi)
+
+    @triton.jit
+    def int8_x_tile(C: tl.constexpr, PER: tl.constexpr, EVEN_K: tl.constexpr):
+        # x for int8_fma (PER = 4 bf16 a weight word) and int8_h2 (PER = 2 words of two bf16): offsets
+        # [C, PER], x item PER c + i, and each item's first column for the masks past k_hi (as k_pos)
+        x_off = PER * tl.arange(0, C)[:, None] + tl.arange(0, PER)[None, :]
+        if EVEN_K:
+            xk_pos = tl.zeros((C, PER), tl.int32)
+        else:
+            xk_pos = (4 // PER) * x_off
+        return x_off, xk_pos
 
     @triton.jit
     def int4_group_tile(p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP: tl.constexpr,
@@ -227,8 +242,9 @@ def _kernels():
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
-    globals().update(store_row_block=store_row_block, k_range=k_range, row_block=row_block,
-                     int8_word_tile=int8_word_tile, int4_group_tile=int4_group_tile, int8_to_f32=int8_to_f32)
+    globals().update(store_row_block=store_row_block, k_range=k_range, row_block=row_block, word_tile_at=word_tile_at,
+                     int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
+                     int8_to_f32=int8_to_f32)
 
     @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -371,23 +387,19 @@ def _kernels():
         pid = tl.program_id(0)
         m, rn, rn_in = row_block(M, N, BLOCK_N)
         w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
-        x_off = 4 * tl.arange(0, C)[:, None] + tl.arange(0, 4)[None, :]         # [C, 4]: x of word c, byte j
-        if EVEN_K:  # masks past k_hi, as k_pos
-            xk_pos = tl.zeros((C, 4), tl.int32)
-        else:
-            xk_pos = x_off
+        x_off, xk_pos = int8_x_tile(C, 4, EVEN_K)                                # [C, 4]: x of word c, byte j
         x_row = x_ptr + m * stride_xm
         if AHEAD == 2:
-            w2 = tl.load(w_ptr + (k_lo + BLOCK_K) // 4 + w_off, mask=k_pos + k_lo + BLOCK_K < k_hi, other=0)
+            w2 = word_tile_at(w_ptr, w_off, k_pos, k_lo + BLOCK_K, k_hi)
         if PDL:
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_N, C), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if AHEAD > 0:
                 k_next = k0 + AHEAD * BLOCK_K
-                w_next = tl.load(w_ptr + k_next // 4 + w_off, mask=k_pos + k_next < k_hi, other=0)
+                w_next = word_tile_at(w_ptr, w_off, k_pos, k_next, k_hi)
             else:
-                w = tl.load(w_ptr + k0 // 4 + w_off, mask=k_pos + k0 < k_hi, other=0)
+                w = word_tile_at(w_ptr, w_off, k_pos, k0, k_hi)
             if EVEN_K:
                 xt = tl.load(x_row + k0 + x_off).to(tl.float32)                 # [C, 4]
             else:
@@ -437,11 +449,7 @@ def _kernels():
         pid = tl.program_id(0)
         m, rn, rn_in = row_block(M, N, BLOCK_N)
         w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
-        x_off = 2 * tl.arange(0, C)[:, None] + tl.arange(0, 2)[None, :]         # [C, 2]: x word 2c + i (bf16 pairs)
-        if EVEN_K:  # masks past k_hi, as k_pos
-            xk_pos = tl.zeros((C, 2), tl.int32)
-        else:
-            xk_pos = 2 * x_off
+        x_off, xk_pos = int8_x_tile(C, 2, EVEN_K)                                # [C, 2]: x word 2c + i (bf16 pairs)
         x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -452,9 +460,9 @@ def _kernels():
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if AHEAD > 0:
                 k_next = k0 + BLOCK_K
-                w_next = tl.load(w_ptr + k_next // 4 + w_off, mask=k_pos + k_next < k_hi, other=0)
+                w_next = word_tile_at(w_ptr, w_off, k_pos, k_next, k_hi)
             else:
-                w = tl.load(w_ptr + k0 // 4 + w_off, mask=k_pos + k0 < k_hi, other=0)
+                w = word_tile_at(w_ptr, w_off, k_pos, k0, k_hi)
             if EVEN_K:
                 xw = tl.load(x_row + k0 // 2 + x_off)                             # [C, 2] int32
             else:
