@@ -58,6 +58,15 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          loads in flight. The SPLIT
          partial sums meet in an fp32 workspace; the last program of a row block to finish (an atomic
          counter, left at 0 for the next call) adds them and stores y.
+  mma    int8_mma / int4_mma: tensor cores through inline PTX mma.sync.m16n8k16 (fp16 in, fp32 sums), one warp a
+         program of BLOCK_N / 16 tiles of 16 rows of W; the rows of x (1..8) are the mma's 8 columns, so W is read
+         once for up to 8 rows. A lane feeds the mma with the codes it loaded itself: which column of W a k-slot
+         of the mma stands for is free as long as A and B agree, so no shuffles. Codes become fp16 with one LOP3
+         per pair (int8: 1152 + q, int4: 1024 + q or 64 + q by the nibble's place); the offsets come off with
+         one more mma a word whose A is constant (int4 per group: scale * (C - offsets . x) + zero * sum x).
+         At one row they lose to int8_h2 / int4_h2 on every llama-3-8b shape (5-30%, latency-bound like them,
+         fewer instructions or not), so they are candidates from 2 to 8 rows, where they beat the dot kernels
+         (int8 1.05-1.26x, int4 1.3-3.1x on the H200 at 8 rows).
   dot    one program = all M rows (padded to a power of two >= 16) and BLOCK_N rows of W, tensor cores via
          tl.dot: reads W once for any M; a sixth number splits K as in fma (N = 4096 in blocks of 64 rows
          is only 64 programs for 132 SMs). The int4 one takes a group per step, even and odd columns of x
@@ -76,15 +85,16 @@ kernel that only reads the same bytes) is 0.93/0.85/1.05/1.02 for the int8 bytes
 the int4 ones: int4 is bound by instructions and loads in flight, the small int8 shapes by a program's serial
 round trips to memory.
 
-Candidates: M = 1 the fma configs (and one dot), 2..4 rows both, 5..16 dot, 17..64 (continuous batching's
-decode batches) dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear,
-which is also what every M > 64 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at
-every M > 1: it wins some shapes. Without Triton (or on CPU without the interpreter) the ops compute the
-same thing with torch. The first call for a (shape, row bucket) times the candidates on the GPU in a CUDA
-graph of back-to-back calls over weight copies larger than L2, as a decode step runs them (a few seconds
+Candidates: M = 1 the fma configs (and one dot), 2..4 rows both (int8 and int4: and mma), 5..8 dot (and
+mma), 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against "dequant": dequantize to
+bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64 (prefill, compute-bound)
+gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes. Without Triton (or on
+CPU without the interpreter) the ops compute the same thing with torch. The first call for a (shape, row
+bucket) times the candidates on the GPU in a CUDA graph of back-to-back calls over weight copies larger than
+L2, as a decode step runs them (a few seconds
 per model at warm-up, compiles included; FLINT_GEMV_TUNE=bench times one call at a time with do_bench
 instead, FLINT_GEMV_TUNE=0 takes the first candidate untimed, FLINT_GEMV_PICKS pins configs per shape).
-tuning_log() tells what was chosen and measured.
+tuning_log() tells what was chosen and measured. FLINT_GEMV_MMA=0 leaves the mma kernels out.
 """
 import functools
 import os
@@ -239,12 +249,163 @@ def _kernels():
             f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
         return f - 8388736.0
 
+    # ---- tensor-core GEMV pieces (int8_mma): one warp computes a [16 rows of W] x [16 columns] x [8 rows of
+    # x] product per mma.sync.m16n8k16 (fp16 in, fp32 sums). A lane (g = lane // 4, c = lane % 4) holds, of
+    # the 16 x 16 A operand, rows g and g + 8 at k-slots 2c, 2c + 1, 2c + 8, 2c + 9, and of the 16 x 8 B
+    # operand column g at the same k-slots: which column of W a k-slot stands for is ours to choose, as long
+    # as A and B agree, so a lane feeds the mma with the codes it loaded itself (no shuffles) and the x
+    # columns they multiply. Every operand is a [32] tensor, one register a lane (element i in lane i: the
+    # only layout Triton gives a [32] tensor in one warp); tiles and words are unrolled over tuples of them.
+
+    @triton.jit
+    def unstack4(v):
+        # [32, 4] -> four [32] tensors (element j of the last dim each; the dim is in one thread's registers)
+        even, odd = tl.split(tl.reshape(v, (32, 2, 2)))
+        v0, v2 = tl.split(even)
+        v1, v3 = tl.split(odd)
+        return v0, v1, v2, v3
+
+    @triton.jit
+    def unstack8(v):
+        even, odd = tl.split(tl.reshape(v, (32, 4, 2)))
+        e0, e1, e2, e3 = unstack4(even)
+        o0, o1, o2, o3 = unstack4(odd)
+        return e0, o0, e1, o1, e2, o2, e3, o3
+
+    @triton.jit
+    def unstack(v, N):
+        # [32, N] -> N tensors [32]
+        if N == 1:
+            return (tl.reshape(v, (32,)),)
+        elif N == 2:
+            return tl.split(v)
+        elif N == 4:
+            return unstack4(v)
+        else:
+            return unstack8(v)
+
+    @triton.jit
+    def f16_bits(f):
+        # fp32 -> fp16 (round to nearest) as the low 16 bits of an int32
+        return f.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def f16_halves(v):
+        # an int32 holding two fp16 -> (low, high) as fp32
+        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def x_f16_pairs(xe, xo, ASM: tl.constexpr):
+        # x's bf16 pairs (x[k], x[k+1]) and (x[k+2], x[k+3]) -> the fp16 pairs (x[k], x[k+2]), (x[k+1], x[k+3])
+        # that meet a word's codes 0, 2 and 1, 3 (int8_f16_pairs)
+        if ASM:
+            b0, b1 = tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b; shl.b32 a, $2, 16; shl.b32 b, $3, 16; cvt.rn.f16x2.f32 $0, b, a; "
+                "and.b32 a, $2, 0xFFFF0000; and.b32 b, $3, 0xFFFF0000; cvt.rn.f16x2.f32 $1, b, a; }",
+                "=r,=r,r,r", [xe, xo], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            b0 = (f16_bits((xe << 16).to(tl.float32, bitcast=True))
+                  | (f16_bits((xo << 16).to(tl.float32, bitcast=True)) << 16))
+            b1 = (f16_bits((xe & -65536).to(tl.float32, bitcast=True))
+                  | (f16_bits((xo & -65536).to(tl.float32, bitcast=True)) << 16))
+        return b0, b1
+
+    @triton.jit
+    def int8_f16_pairs(w, ASM: tl.constexpr):
+        # a word of four int8 codes -> fp16 pairs 1152 + q of codes (0, 2) and (1, 3): one LOP3 each puts a
+        # byte, its top bit flipped (q + 128), under the exponent of 1024 ((w & m) ^ 0x80 | 0x6400 per half)
+        if ASM:
+            p02, p13 = tl.inline_asm_elementwise(
+                "{ .reg .b32 m, k, t; mov.b32 m, 0x00FF00FF; mov.b32 k, 0x64806480; lop3.b32 $0, $2, m, k, 0x6A; "
+                "shr.b32 t, $2, 8; lop3.b32 $1, t, m, k, 0x6A; }",
+                "=r,=r,r", [w], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            p02 = ((w & 0x00FF00FF) ^ 0x00800080) | 0x64006400
+            p13 = (((w >> 8) & 0x00FF00FF) ^ 0x00800080) | 0x64006400
+        return p02, p13
+
+    @triton.jit
+    def int4_f16_pairs(w, ASM: tl.constexpr):
+        # a word of eight int4 codes (code j at bits 4j..4j+3) -> fp16 pairs (1024 + q0, 1024 + q4),
+        # (64 + q1, 64 + q5), (1024 + q2, 1024 + q6), (64 + q3, 64 + q7): one LOP3 each puts a nibble under the
+        # exponent that makes its lowest bit worth 1 (0x6400 for bits 0..3 of a half, 0x5400 for bits 4..7)
+        if ASM:
+            p04, p15, p26, p37 = tl.inline_asm_elementwise(
+                "{ .reg .b32 m, n, e, f, t; mov.b32 m, 0x000F000F; mov.b32 n, 0x00F000F0; mov.b32 e, 0x64006400; "
+                "mov.b32 f, 0x54005400; lop3.b32 $0, $4, m, e, 0xEA; lop3.b32 $1, $4, n, f, 0xEA; shr.b32 t, $4, 8; "
+                "lop3.b32 $2, t, m, e, 0xEA; lop3.b32 $3, t, n, f, 0xEA; }",
+                "=r,=r,=r,=r,r", [w], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            p04 = (w & 0x000F000F) | 0x64006400
+            p15 = (w & 0x00F000F0) | 0x54005400
+            p26 = ((w >> 8) & 0x000F000F) | 0x64006400
+            p37 = ((w >> 8) & 0x00F000F0) | 0x54005400
+        return p04, p15, p26, p37
+
+    @triton.jit
+    def x_f16_quads(x01, x23, x45, x67, ASM: tl.constexpr):
+        # a word's eight x as bf16 pairs (x0, x1) .. (x6, x7) -> the fp16 pairs (x0, x4), (x2, x6), (x1, x5),
+        # (x3, x7) that meet int4_f16_pairs' codes
+        if ASM:
+            b04, b26, b15, b37 = tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b; shl.b32 a, $4, 16; shl.b32 b, $6, 16; cvt.rn.f16x2.f32 $0, b, a; "
+                "shl.b32 a, $5, 16; shl.b32 b, $7, 16; cvt.rn.f16x2.f32 $1, b, a; "
+                "and.b32 a, $4, 0xFFFF0000; and.b32 b, $6, 0xFFFF0000; cvt.rn.f16x2.f32 $2, b, a; "
+                "and.b32 a, $5, 0xFFFF0000; and.b32 b, $7, 0xFFFF0000; cvt.rn.f16x2.f32 $3, b, a; }",
+                "=r,=r,=r,=r,r,r,r,r", [x01, x23, x45, x67], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                is_pure=True, pack=1)
+        else:
+            b04, b15 = x_f16_pairs(x01, x45, False)
+            b26, b37 = x_f16_pairs(x23, x67, False)
+        return b04, b26, b15, b37
+
+    @triton.jit
+    def mma_rows(a_lo, a_hi, b0, b1):
+        # mma_16816 without PTX, 8 rows of A: lane (g, c) gets sum_k A[g, k] B[k, 2c] and B[k, 2c + 1], where
+        # a_lo / a_hi hold A[g, 2c:2c+2] / A[g, 2c+8:2c+10] and b0 / b1 B[2c:2c+2, g] / B[2c+8:2c+10, g]
+        a0l, a0h = f16_halves(a_lo)
+        a2l, a2h = f16_halves(a_hi)
+        b0l, b0h = f16_halves(b0)
+        b1l, b1h = f16_halves(b1)
+        # [8 (row g), 1, 4 (c)] * [1, 8 (column n), 4 (c)], summed over c
+        prod = (tl.reshape(a0l, (8, 4))[:, None, :] * tl.reshape(b0l, (8, 4))[None, :, :]
+                + tl.reshape(a0h, (8, 4))[:, None, :] * tl.reshape(b0h, (8, 4))[None, :, :]
+                + tl.reshape(a2l, (8, 4))[:, None, :] * tl.reshape(b1l, (8, 4))[None, :, :]
+                + tl.reshape(a2h, (8, 4))[:, None, :] * tl.reshape(b1h, (8, 4))[None, :, :])
+        out = tl.sum(prod, axis=2)                                                 # [8 (g), 8 (n)]
+        even, odd = tl.split(tl.reshape(out, (8, 4, 2)))                           # n = 2c, 2c + 1: [8, 4]
+        return tl.reshape(even, (32,)), tl.reshape(odd, (32,))
+
+    @triton.jit
+    def mma_16816(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, ASM: tl.constexpr):
+        # d = a @ b + c, mma.sync.m16n8k16 with fp16 operands (int32 registers of two) and fp32 sums. Lane
+        # (g, c): a0 = A[g, 2c:2c+2], a1 = A[g+8, 2c:2c+2], a2 = A[g, 2c+8:2c+10], a3 = A[g+8, 2c+8:2c+10];
+        # b0 = B[2c:2c+2, g], b1 = B[2c+8:2c+10, g]; c0, c1 = C[g, 2c], C[g, 2c+1]; c2, c3 = C[g+8, 2c], C[g+8, 2c+1].
+        # Without PTX (the interpreter) the same product from the lanes' registers with tl ops.
+        if ASM:
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+                "{$10, $11, $12, $13};",
+                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            d0, d1 = mma_rows(a0, a2, b0, b1)
+            d2, d3 = mma_rows(a1, a3, b0, b1)
+            d0, d1, d2, d3 = c0 + d0, c1 + d1, c2 + d2, c3 + d3
+        return d0, d1, d2, d3
+
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
     globals().update(store_row_block=store_row_block, k_range=k_range, row_block=row_block, word_tile_at=word_tile_at,
                      int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
-                     int8_to_f32=int8_to_f32)
+                     int8_to_f32=int8_to_f32, unstack4=unstack4, unstack8=unstack8, unstack=unstack, f16_bits=f16_bits,
+                     f16_halves=f16_halves, x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, mma_rows=mma_rows,
+                     mma_16816=mma_16816, int4_f16_pairs=int4_f16_pairs,
+                     x_f16_quads=x_f16_quads)
+
 
     @triton.jit
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -715,7 +876,291 @@ def _kernels():
         z = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(tl.bfloat16), mask=mask)
 
+    @triton.jit
+    def mma_final(v0, v1, v2, v3, m0, n_a, n_b, na_in, nb_in, y_ptr, s_ptr, M, N, stride_ym):
+        # the mma kernels' outputs, [T, 32] each: v0 / v1 = rows n_a of W and rows m0 / m0 + 1 of x, v2 / v3
+        # = rows n_b; times the row's scale, stored as bf16
+        m1 = m0 + 1
+        if s_ptr is None:  # int4: scales applied per group already
+            s_a, s_b = 1.0, 1.0
+        else:
+            s_a = tl.load(s_ptr + na_in).to(tl.float32)
+            s_b = tl.load(s_ptr + nb_in).to(tl.float32)
+        ty = y_ptr.dtype.element_ty
+        tl.store(y_ptr + m0 * stride_ym + n_a, (v0 * s_a).to(ty), mask=(m0 < M) & (n_a < N))
+        tl.store(y_ptr + m1 * stride_ym + n_a, (v1 * s_a).to(ty), mask=(m1 < M) & (n_a < N))
+        tl.store(y_ptr + m0 * stride_ym + n_b, (v2 * s_b).to(ty), mask=(m0 < M) & (n_b < N))
+        tl.store(y_ptr + m1 * stride_ym + n_b, (v3 * s_b).to(ty), mask=(m1 < M) & (n_b < N))
+
+    @triton.jit
+    def mma_partials(v0, v1, v2, v3, m0, n_a, n_b, part_ptr, split, M, N, LOAD: tl.constexpr):
+        # a K split's partial sums of one tile in the workspace: stored (LOAD False) or, by the last program,
+        # the SPLIT programs' sums added up (LOAD True: v0..v3 are then the number of splits)
+        m1 = m0 + 1
+        if LOAD:
+            v0, v1, v2, v3 = tl.zeros_like(n_a).to(tl.float32), tl.zeros_like(n_a).to(tl.float32), \
+                tl.zeros_like(n_a).to(tl.float32), tl.zeros_like(n_a).to(tl.float32)
+            for t in tl.static_range(split):
+                v0 += tl.load(part_ptr + (t * M + m0) * N + n_a, mask=(m0 < M) & (n_a < N), other=0.0,
+                              cache_modifier=".cg")
+                v1 += tl.load(part_ptr + (t * M + m1) * N + n_a, mask=(m1 < M) & (n_a < N), other=0.0,
+                              cache_modifier=".cg")
+                v2 += tl.load(part_ptr + (t * M + m0) * N + n_b, mask=(m0 < M) & (n_b < N), other=0.0,
+                              cache_modifier=".cg")
+                v3 += tl.load(part_ptr + (t * M + m1) * N + n_b, mask=(m1 < M) & (n_b < N), other=0.0,
+                              cache_modifier=".cg")
+        else:
+            tl.store(part_ptr + (split * M + m0) * N + n_a, v0, mask=(m0 < M) & (n_a < N))
+            tl.store(part_ptr + (split * M + m1) * N + n_a, v1, mask=(m1 < M) & (n_a < N))
+            tl.store(part_ptr + (split * M + m0) * N + n_b, v2, mask=(m0 < M) & (n_b < N))
+            tl.store(part_ptr + (split * M + m1) * N + n_b, v3, mask=(m1 < M) & (n_b < N))
+        return v0, v1, v2, v3
+
+    globals().update(mma_final=mma_final, mma_partials=mma_partials)
+
+    @triton.jit
+    def int8_mma_words(w_ptr, k, w_offs, w_col, k_hi, T: tl.constexpr, Q: tl.constexpr, EVEN_K: tl.constexpr):
+        # int8_mma's words of the step at column k: 2 T Q tensors [32, 4] (16 bytes a lane), masked past k_hi
+        # only for a ragged K
+        ws = ()
+        for i in tl.static_range(2 * T * Q):
+            ptrs = w_ptr + k // 4 + 4 * (i % Q) + w_offs[i // Q]
+            if EVEN_K:
+                ws = ws + (tl.load(ptrs),)
+            else:
+                ws = ws + (tl.load(ptrs, mask=w_col + 16 * (i % Q) + k < k_hi, other=0),)
+        return ws
+
+    @triton.jit
+    def mma_tiles(pid, g, word, N, stride_wn, BLOCK_N: tl.constexpr, T: tl.constexpr):
+        # the mma kernels' T tiles of 16 rows of W: word offsets 2t, 2t + 1 of rows g and g + 8 of tile t
+        # (word: the lane's [32, 4] words of a row), and rows 4t..4t + 3 (n_a = g, n_b = g + 8, both clamped
+        # into W for loads)
+        w_offs = ()
+        rows = ()
+        for t in tl.static_range(T):
+            n_a = pid * BLOCK_N + 16 * t + g                                       # [32]
+            n_b = n_a + 8
+            na_in, nb_in = tl.minimum(n_a, N - 1), tl.minimum(n_b, N - 1)
+            w_offs = w_offs + (na_in[:, None].to(tl.int64) * stride_wn + word,
+                               nb_in[:, None].to(tl.int64) * stride_wn + word)
+            rows = rows + (n_a, n_b, na_in, nb_in)
+        return w_offs, rows
+
+    @triton.jit
+    def mma_store(out, rows, m0, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T: tl.constexpr,
+                  SPLIT: tl.constexpr):
+        # the mma kernels' sums out (4 a tile: rows n_a, n_b of W by rows m0, m0 + 1 of x) stored through
+        # mma_final, or with a K split through the workspace, the last of the SPLIT programs of this block
+        # adding them up (as store_row_block)
+        if SPLIT == 1:
+            for t in tl.static_range(T):
+                mma_final(out[4 * t], out[4 * t + 1], out[4 * t + 2], out[4 * t + 3], m0, rows[4 * t], rows[4 * t + 1],
+                          rows[4 * t + 2], rows[4 * t + 3], y_ptr, s_ptr, M, N, stride_ym)
+        else:
+            for t in tl.static_range(T):
+                mma_partials(out[4 * t], out[4 * t + 1], out[4 * t + 2], out[4 * t + 3], m0, rows[4 * t],
+                             rows[4 * t + 1], part_ptr, tl.program_id(1), M, N, False)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                for t in tl.static_range(T):
+                    v0, v1, v2, v3 = mma_partials(out[4 * t], out[4 * t + 1], out[4 * t + 2], out[4 * t + 3], m0,
+                                                  rows[4 * t], rows[4 * t + 1], part_ptr, SPLIT, M, N, True)
+                    mma_final(v0, v1, v2, v3, m0, rows[4 * t], rows[4 * t + 1], rows[4 * t + 2], rows[4 * t + 3],
+                              y_ptr, s_ptr, M, N, stride_ym)
+                tl.atomic_xchg(count_ptr + pid, 0)
+
+    globals().update(int8_mma_words=int8_mma_words, mma_tiles=mma_tiles, mma_store=mma_store)
+
+    @triton.jit
+    def int8_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                        BLOCK_N: tl.constexpr, WPL: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # y = x @ (w * s)^T on tensor cores for 1..8 rows of x (B's columns), one warp a program: T = BN / 16
+        # tiles of 16 rows of W. w int8 [N, K] as int32 words [N, K/4], x as bf16 pairs [M, K/2]. A step
+        # takes 16 * WPL columns: lane (g, c) loads WPL consecutive words (4 WPL codes) of rows g and g + 8 of
+        # each tile, 16 bytes at a time, and the 4 WPL x's they multiply; each word pair (rows g, g + 8) is
+        # one mma. Codes enter as fp16 1152 + q (int8_f16_pairs), so y = s * (sum (1152 + q) x - 1152 sum x):
+        # one more mma a word with A = 1152 everywhere gives the second sum in the same lanes' layout.
+        T: tl.constexpr = BLOCK_N // 16
+        Q: tl.constexpr = WPL // 4                                                 # 16-byte loads a row a step
+        STEP: tl.constexpr = 16 * WPL
+        pid = tl.program_id(0)
+        lane = tl.arange(0, 32)
+        g = lane // 4
+        c = lane % 4
+        word = WPL * c[:, None] + tl.arange(0, 4)[None, :]                        # [32, 4]: a lane's first 4 words
+        pair = 2 * WPL * c[:, None] + tl.arange(0, 4)[None, :]                    # [32, 4]: their first 4 x pairs
+        x_off = tl.minimum(g, M - 1)[:, None] * stride_xm + pair                  # B's column g is x's row g
+        k_lo, k_hi = k_range(K, STEP, SPLIT)
+        if EVEN_K:
+            w_col, x_col = tl.zeros_like(word), tl.zeros_like(pair)
+        else:  # a ragged K (K % 4 == 0): masks per word and per x pair, from their first column
+            w_col, x_col = 4 * word, 2 * pair
+        w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T)
+        # [32, 4] words: index (2t + h) * Q + q = tile t, rows g (h = 0) / g + 8 (h = 1), words 4q..4q + 3; the
+        # first steps before PDL's wait (W is never written; PEEL is implied). Unmasked (whole steps), a load
+        # past the split's end re-reads its last step, or K's for an empty split (k_hi = K < k_lo), and adds
+        # nothing.
+        ws = int8_mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K)
+        if AHEAD == 2:
+            ws2 = int8_mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
+                                 k_hi, T, Q, EVEN_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = ()
+        for i in tl.static_range(4 * T):
+            acc = acc + (tl.zeros((32,), tl.float32),)
+        cor0 = tl.zeros((32,), tl.float32)
+        cor1 = tl.zeros((32,), tl.float32)
+        cor2 = tl.zeros((32,), tl.float32)
+        cor3 = tl.zeros((32,), tl.float32)
+        k1152 = tl.full((32,), 0x64806480, tl.int32)                               # fp16 (1152, 1152)
+        for k0 in range(k_lo, k_hi, STEP):
+            # the words AHEAD steps on (0: this step's)
+            k_next = k0 + AHEAD * STEP
+            if EVEN_K:
+                k_next = tl.minimum(k_next, k_hi - STEP)
+            ws_next = int8_mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K)
+            if AHEAD == 0:
+                ws = ws_next
+            for q in tl.static_range(Q):
+                # x pairs of words 4q, 4q + 1 and 4q + 2, 4q + 3: (x[k], x[k+1]), (x[k+2], x[k+3]) a word
+                xlo = unstack4(tl.load(x_ptr + k0 // 2 + 8 * q + x_off,
+                                       mask=None if EVEN_K else x_col + 16 * q + k0 < k_hi,
+                                       other=None if EVEN_K else 0))
+                xhi = unstack4(tl.load(x_ptr + k0 // 2 + 8 * q + 4 + x_off,
+                                       mask=None if EVEN_K else x_col + 16 * q + 8 + k0 < k_hi,
+                                       other=None if EVEN_K else 0))
+                xs = xlo + xhi
+                for jj in tl.static_range(4):  # word 4q + jj of the lane's run
+                    b0, b1 = x_f16_pairs(xs[2 * jj], xs[2 * jj + 1], ASM)          # [32]
+                    new_acc = ()
+                    for t in tl.static_range(T):
+                        wa = unstack4(ws[(2 * t) * Q + q])[jj]                      # rows g
+                        wb = unstack4(ws[(2 * t + 1) * Q + q])[jj]                  # rows g + 8
+                        a02, a13 = int8_f16_pairs(wa, ASM)
+                        b02, b13 = int8_f16_pairs(wb, ASM)
+                        d0, d1, d2, d3 = mma_16816(a02, b02, a13, b13, b0, b1, acc[4 * t], acc[4 * t + 1],
+                                                   acc[4 * t + 2], acc[4 * t + 3], ASM)
+                        new_acc = new_acc + (d0, d1, d2, d3)
+                    acc = new_acc
+                    cor0, cor1, cor2, cor3 = mma_16816(k1152, k1152, k1152, k1152, b0, b1, cor0, cor1, cor2, cor3, ASM)
+            if AHEAD == 2:
+                ws, ws2 = ws2, ws_next
+            elif AHEAD == 1:
+                ws = ws_next
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        # lane (g, c) holds columns m = 2c, 2c + 1 (rows of x) of rows n_a (acc 0, 1) and n_b (acc 2, 3)
+        out = ()
+        for t in tl.static_range(T):
+            out = out + (acc[4 * t] - cor0, acc[4 * t + 1] - cor1, acc[4 * t + 2] - cor0, acc[4 * t + 3] - cor1)
+        mma_store(out, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+
+    @triton.jit
+    def int4_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
+                        stride_ym, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                        AHEAD: tl.constexpr, ONE_ROW: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr,
+                        PDL: tl.constexpr):
+        # int4 (words [N, K/8], scale|zero words [N, K/G]) on tensor cores as int8_mma_kernel, one group a
+        # step: lane (g, c) loads WPL = G/32 consecutive words of rows g and g + 8 of each tile (one 16-byte
+        # load at G = 128) and the x's of their 8 WPL columns. A word pair (rows g, g + 8) is two mmas: codes
+        # 0, 4, 2, 6 as fp16 1024 + q and codes 1, 5, 3, 7 as 64 + q (int4_f16_pairs). Per group, C = sum of
+        # those times x; two more mmas a word with constant A give, in the same lanes, cor = sum (1032 or 72) x
+        # (rows g: the codes' offsets and the 8 of q - 8) and xs = sum x (rows g + 8: A = 1), so the group adds
+        # scale * (C - cor) + zero * xs. ONE_ROW (M = 1): the odd columns (rows 1, 3, .. of x) are not summed.
+        T: tl.constexpr = BLOCK_N // 16
+        WPL: tl.constexpr = GROUP // 32
+        pid = tl.program_id(0)
+        lane = tl.arange(0, 32)
+        g = lane // 4
+        c = lane % 4
+        word = WPL * c[:, None] + tl.arange(0, WPL)[None, :]                      # [32, WPL]: words of a group
+        quad = 4 * WPL * c[:, None] + tl.arange(0, 4)[None, :]                    # [32, 4]: the first word's x pairs
+        x_off = tl.minimum(g, M - 1)[:, None] * stride_xm + quad                  # B's column g is x's row g
+        n_groups = K // GROUP
+        per = tl.cdiv(n_groups, SPLIT)
+        g_lo = tl.program_id(1) * per
+        g_hi = tl.minimum(g_lo + per, n_groups)
+        w_offs, rows = mma_tiles(pid, g, word, N, stride_pn, BLOCK_N, T)
+        sz_rows = ()  # the scale pointers of rows g, g + 8 of tile t: 2t, 2t + 1
+        for t in tl.static_range(T):
+            sz_rows = sz_rows + (sz_ptr + rows[4 * t + 2].to(tl.int64) * stride_szn,
+                                 sz_ptr + rows[4 * t + 3].to(tl.int64) * stride_szn)
+        # the first group's words and scales before PDL's wait (W is never written; PEEL is implied); an empty
+        # split reads K's last group and adds nothing
+        g_first = tl.maximum(tl.minimum(g_lo, g_hi - 1), 0)
+        ws = ()
+        szs = ()
+        for i in tl.static_range(2 * T):
+            ws = ws + (tl.load(p_ptr + g_first * (GROUP // 8) + w_offs[i]),)       # [32, WPL]
+            szs = szs + (tl.load(sz_rows[i] + g_first),)                          # [32]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        y = ()
+        for i in tl.static_range(4 * T):
+            y = y + (tl.zeros((32,), tl.float32),)
+        k1032 = tl.full((32,), 0x64086408, tl.int32)                               # fp16 (1032, 1032)
+        k72 = tl.full((32,), 0x54805480, tl.int32)                                 # fp16 (72, 72)
+        one = tl.full((32,), 0x3C003C00, tl.int32)                                 # fp16 (1, 1)
+        zero = tl.zeros((32,), tl.float32)
+        for gi in range(g_lo, g_hi):
+            g_next = tl.minimum(gi + 1, g_hi - 1) if AHEAD > 0 else gi             # the last group re-read, not masked
+            ws_next = ()
+            szs_next = ()
+            for i in tl.static_range(2 * T):
+                ws_next = ws_next + (tl.load(p_ptr + g_next * (GROUP // 8) + w_offs[i]),)
+                szs_next = szs_next + (tl.load(sz_rows[i] + g_next),)
+            if AHEAD == 0:
+                ws = ws_next
+                szs = szs_next
+            cs = ()
+            for i in tl.static_range(4 * T):
+                cs = cs + (zero,)
+            cor0, cor1, xs0, xs1 = zero, zero, zero, zero
+            words = ()
+            for i in tl.static_range(2 * T):
+                words = words + (unstack(ws[i], WPL),)
+            for j in tl.static_range(WPL):
+                x01, x23, x45, x67 = unstack4(tl.load(x_ptr + gi * (GROUP // 2) + 4 * j + x_off))  # [32] each
+                b04, b26, b15, b37 = x_f16_quads(x01, x23, x45, x67, ASM)
+                new_cs = ()
+                for t in tl.static_range(T):
+                    a04, a15, a26, a37 = int4_f16_pairs(words[2 * t][j], ASM)       # rows g
+                    e04, e15, e26, e37 = int4_f16_pairs(words[2 * t + 1][j], ASM)   # rows g + 8
+                    d0, d1, d2, d3 = mma_16816(a04, e04, a26, e26, b04, b26, cs[4 * t], cs[4 * t + 1], cs[4 * t + 2],
+                                               cs[4 * t + 3], ASM)
+                    d0, d1, d2, d3 = mma_16816(a15, e15, a37, e37, b15, b37, d0, d1, d2, d3, ASM)
+                    new_cs = new_cs + (d0, d1, d2, d3)
+                cs = new_cs
+                cor0, cor1, xs0, xs1 = mma_16816(k1032, one, k1032, one, b04, b26, cor0, cor1, xs0, xs1, ASM)
+                cor0, cor1, xs0, xs1 = mma_16816(k72, one, k72, one, b15, b37, cor0, cor1, xs0, xs1, ASM)
+            new_y = ()
+            for t in tl.static_range(T):
+                s_a = (szs[2 * t] << 16).to(tl.float32, bitcast=True)
+                z_a = (szs[2 * t] & -65536).to(tl.float32, bitcast=True)
+                s_b = (szs[2 * t + 1] << 16).to(tl.float32, bitcast=True)
+                z_b = (szs[2 * t + 1] & -65536).to(tl.float32, bitcast=True)
+                y0 = y[4 * t] + s_a * (cs[4 * t] - cor0) + z_a * xs0
+                y2 = y[4 * t + 2] + s_b * (cs[4 * t + 2] - cor0) + z_b * xs0
+                if ONE_ROW:
+                    y1, y3 = y[4 * t + 1], y[4 * t + 3]
+                else:
+                    y1 = y[4 * t + 1] + s_a * (cs[4 * t + 1] - cor1) + z_a * xs1
+                    y3 = y[4 * t + 3] + s_b * (cs[4 * t + 3] - cor1) + z_b * xs1
+                new_y = new_y + (y0, y1, y2, y3)
+            y = new_y
+            if AHEAD > 0:
+                ws = ws_next
+                szs = szs_next
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        mma_store(y, rows, 2 * c, y_ptr, None, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+
     return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int8_h2": int8_h2_kernel,
+            "int8_mma": int8_mma_kernel, "int4_mma": int4_mma_kernel,
             "int4_fma": int4_fma_kernel, "int4_h2": int4_h2_kernel, "int4_dot": int4_dot_kernel,
             "int4_dequant": int4_dequant_kernel}
 
@@ -764,6 +1209,17 @@ _H2_INT4 = [_cfg("int4_h2", 64, 8, 2, 1), _cfg("int4_h2", 64, 2, 1, 1), _cfg("in
             _cfg("int4_h2", 64, 8, 2, 0)]
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
+# int8_mma / int4_mma (tensor cores, 1..8 rows of x read W once): (kernel, BLOCK_N, columns a step (int8) or
+# K split (int4), warps = 1, stages = 1 (int8) or groups loaded ahead (int4)[, K split, tiles ahead (int8)])
+# Kept: the configs within ~5% of the best on some llama-3-8b shape at 8 rows in the H200's in-graph timings
+# (.gpu/mma_sweep.py). At one row they lose to int8_h2 / int4_h2 on every shape (by 5-30%), so they are
+# candidates from 2 rows.
+_MMA_INT8 = [_cfg("int8_mma", 16, 128, 1, 1, 8, 1), _cfg("int8_mma", 32, 128, 1, 1, 8, 1),
+             _cfg("int8_mma", 16, 128, 1, 1, 4, 1), _cfg("int8_mma", 16, 128, 1, 1, 2, 1),
+             _cfg("int8_mma", 32, 128, 1, 1, 2, 1)]
+_MMA_INT4 = [_cfg("int4_mma", 16, 8, 1, 1), _cfg("int4_mma", 32, 8, 1, 1), _cfg("int4_mma", 16, 4, 1, 1),
+             _cfg("int4_mma", 128, 4, 1, 1), _cfg("int4_mma", 32, 2, 1, 1), _cfg("int4_mma", 16, 16, 1, 1)]
+MMA_MAX_M = 8  # B's columns
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
 NO_PDL_HANDICAP = 1.15  # see _pick
 DEQUANT = ("dequant", 0, 0, 0, 0)  # not a kernel: dequantize to bf16 (int4: a Triton kernel) and F.linear
@@ -775,15 +1231,22 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
     if op == "int4":
         fma = _FMA_INT4 + _H2_INT4
         dot = _DOT_INT4
+        mma = _MMA_INT4 if group_size in (32, 64, 128) else []
     else:
         fma = _FMA_BF16 if op == "bf16" else [c for c in _FMA_INT8 if c[0] not in ("int8_fma", "int8_h2") or K % 4 == 0]
         dot = _DOT
+        mma = _MMA_INT8 if op == "int8" and K % 4 == 0 else []
     if os.environ.get("FLINT_GEMV_FP16", "1") == "0":  # no fp16 products (a model whose activations leave fp16's range)
         fma = [c for c in fma if not c[0].endswith("_h2")]
+        mma = []
+    if os.environ.get("FLINT_GEMV_MMA", "1") == "0":
+        mma = []
     if M == 1:
         configs = fma + dot[:1]
     elif M <= FMA_MAX_M:
-        configs = fma[:3] + dot
+        configs = fma[:3] + mma + dot
+    elif M <= MMA_MAX_M:
+        configs = dot + mma
     else:
         configs = dot if M <= 16 else [DEQUANT] + dot  # past 16 rows the old path first: the default, and timed
     # cuBLAS itself is a candidate at M > 1 (it wins some shapes), not at M = 1: there the fma kernels beat it
@@ -800,12 +1263,12 @@ _timings: dict[tuple, dict] = {}  # the same keys -> {config: ms} measured when 
 
 
 def row_bucket(M: int) -> int:
-    return M if M <= FMA_MAX_M else _block_m(M)
+    return M if M <= FMA_MAX_M else MMA_MAX_M if M <= MMA_MAX_M else _block_m(M)
 
 
 def _key(op: str, M: int, N: int, K: int, group_size: int, device: torch.device) -> tuple:
-    """Tuning is per shape and row bucket (1, 2, 3, 4, then powers of two from 16 up to 64): a chunked
-    prefill of any length up to 64 rows reuses its bucket's choice instead of timing again."""
+    """Tuning is per shape and row bucket (1, 2, 3, 4, 8 (the mma kernels' limit), then powers of two from 16
+    up to 64): a chunked prefill of any length up to 64 rows reuses its bucket's choice instead of timing again."""
     index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
     return op, row_bucket(M), N, K, group_size, index
 
@@ -996,11 +1459,21 @@ def _run_dense(x2, w, scales, cfg):
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
                   **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
+    if kernel == "int8_mma" and (M > 8 or K % 4 or w.data_ptr() % 4 or x2.stride(0) % 2 or x2.data_ptr() % 4):
+        kernel = "int8_h2"  # B has 8 columns; W read as words, x as bf16 pairs
     if kernel in ("int8_fma", "int8_h2") and (K % 4 or w.data_ptr() % 4):  # not readable as words: bytes
         kernel = "fma_prmt"
     if kernel == "int8_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int8_fma"
-    if kernel in ("int8_fma", "int8_h2"):
+    if kernel == "int8_mma":
+        words, xs = w.view(torch.int32), x2.view(torch.int32)
+        grid = (-(-N // block_n), split)
+        part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
+        _kernels()[kernel][grid](
+            xs, words, s, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), BLOCK_N=block_n,
+            WPL=block_k // 16, EVEN_K=K % block_k == 0, SPLIT=split, AHEAD=ahead, ASM=not _interpret(),
+            num_warps=warps, num_stages=1, **_pdl_args(x2.device))
+    elif kernel in ("int8_fma", "int8_h2"):
         words = w.view(torch.int32)  # [N, K / 4]
         xs = x2.view(torch.int32) if kernel == "int8_h2" else x2  # h2 reads x as bf16 pairs [M, K / 2]
         _kernels()[kernel][(grid[0], split)](
@@ -1043,9 +1516,20 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
     N = packed.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
     sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
-    if kernel == "int4_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
+    if kernel == "int4_mma" and (M > 8 or group_size not in (32, 64, 128)):  # B has 8 columns
+        kernel = "int4_h2"
+    if kernel in ("int4_h2", "int4_mma") and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int4_fma"
-    if kernel in ("int4_fma", "int4_h2"):
+    if kernel == "int4_mma":
+        words, xs = packed.view(torch.int32), x2.view(torch.int32)
+        split = block_k
+        grid = (-(-N // block_n), split)
+        part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
+        _kernels()[kernel][grid](
+            xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
+            GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, ONE_ROW=M == 1, ASM=not _interpret(),
+            num_warps=warps, num_stages=1, **_pdl_args(x2.device))
+    elif kernel in ("int4_fma", "int4_h2"):
         words = packed.view(torch.int32)  # [N, K / 8]
         split = block_k
         grid = _grid_rows(kernel, M, N, block_n)

@@ -171,13 +171,44 @@ def test_h2_kernels_every_config_every_row(M):
         close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
 
 
+def test_mma_kernels_ahead_splits_and_rows():
+    # int8_mma / int4_mma (tensor cores: rows of x are the mma's 8 columns, so one program serves 1..8 rows;
+    # the candidate tests above run them at M = 3 and 8): here 5 and 2 rows, no tiles loaded ahead or two, a
+    # ragged K (int8: 320 = 2.5 steps of 128), K splits that leave splits empty (int8: 4 steps over 8 splits,
+    # int4: 3 groups over 4 splits).
+    # Under the interpreter mma_rows multiplies the lanes' registers, on a GPU mma.sync itself.
+    x, w = problem(5, 97, 320)
+    q, scales = Q.int8_quantize(w)
+    ref = x.float() @ (q.float() * scales.float()[:, None]).t()
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    for cfg in [("int8_mma", 16, 64, 1, 1, 3, 0), ("int8_mma", 32, 128, 1, 1, 2, 1), ("int8_mma", 16, 256, 1, 1, 2, 2)]:
+        close(gemv._run_dense(x, q, scales, cfg), ref)
+    x, w = problem(2, 40, 256)  # whole steps, 4 of 64 columns over 8 splits: four splits empty
+    q, scales = Q.int8_quantize(w)
+    ref = x.float() @ (q.float() * scales.float()[:, None]).t()
+    close(gemv._run_dense(x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE), ("int8_mma", 16, 64, 1, 1, 8, 2)), ref)
+    x4, packed, sz, ref4 = int4_problem(5, 41, 384, 128)
+    for cfg in [("int4_mma", 16, 4, 1, 0), ("int4_mma", 32, 4, 1, 1)]:
+        close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
+    assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+    for M in (2, 8):  # from 2 rows (at one the h2 kernels win every shape)
+        assert all(c in gemv.candidates("int8", M, 4096) for c in gemv._MMA_INT8)
+        assert all(c in gemv.candidates("int4", M, 4096, 128) for c in gemv._MMA_INT4)
+    assert not any(c[0].endswith("_mma") for c in gemv.candidates("int8", 1, 4096) + gemv.candidates("int4", 1, 4096, 128))
+
+
 def test_fp16_products_can_be_left_out_of_the_candidates(monkeypatch):
     assert any(c[0] == "int8_h2" for c in gemv.candidates("int8", 1, 4096))
     assert any(c[0] == "int4_h2" for c in gemv.candidates("int4", 1, 4096, 128))
     monkeypatch.setenv("FLINT_GEMV_FP16", "0")
     for op in ("int8", "int4"):
-        configs = gemv.candidates(op, 1, 4096, 128 if op == "int4" else 0)
-        assert configs and not any(c[0].endswith("_h2") for c in configs)
+        for M in (1, 8):
+            configs = gemv.candidates(op, M, 4096, 128 if op == "int4" else 0)
+            assert configs and not any(c[0].endswith(("_h2", "_mma")) for c in configs)
+    monkeypatch.setenv("FLINT_GEMV_FP16", "1")
+    monkeypatch.setenv("FLINT_GEMV_MMA", "0")  # the tensor-core kernels alone
+    assert any(c[0] == "int8_h2" for c in gemv.candidates("int8", 1, 4096))
+    assert not any(c[0].endswith("_mma") for c in gemv.candidates("int8", 8, 4096) + gemv.candidates("int4", 8, 4096, 128))
 
 
 def test_int8_and_int4_kernels_take_activations_in_the_thousands():
@@ -333,7 +364,7 @@ def test_tune_linears_picks_a_config_for_every_row_bucket_once_per_shape(monkeyp
     monkeypatch.setattr(gemv.Linear, "forward", lambda self, x: calls.append((self.in_features, x.shape[0])) or forward(self, x))
     with torch.no_grad():
         gemv.tune_linears(model, torch.bfloat16, DEVICE)
-    buckets = [1, 2, 3, 4, 16, 32, 64]
+    buckets = [1, 2, 3, 4, 8, 16, 32, 64]
     assert calls == [(64, r) for r in buckets] + [(48, r) for r in buckets]  # one layer of each shape
     for N, K in ((48, 64), (40, 48)):
         assert all(gemv.config_for("bf16", r, N, K, device=DEVICE) is not None for r in buckets)
