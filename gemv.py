@@ -290,13 +290,6 @@ def _kernels():
         return f.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
     @triton.jit
-    def f16_halves(v):
-        # an int32 holding two fp16 -> (low, high) as fp32
-        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return lo, hi
-
-    @triton.jit
     def x_f16_pairs(xe, xo, ASM: tl.constexpr):
         # x's bf16 pairs (x[k], x[k+1]) and (x[k+2], x[k+3]) -> the fp16 pairs (x[k], x[k+2]), (x[k+1], x[k+3])
         # that meet a word's codes 0, 2 and 1, 3 (int8_f16_pairs)
@@ -364,17 +357,17 @@ def _kernels():
     @triton.jit
     def mma_rows(a_lo, a_hi, b0, b1):
         # mma_16816 without PTX, 8 rows of A: lane (g, c) gets sum_k A[g, k] B[k, 2c] and B[k, 2c + 1], where
-        # a_lo / a_hi hold A[g, 2c:2c+2] / A[g, 2c+8:2c+10] and b0 / b1 B[2c:2c+2, g] / B[2c+8:2c+10, g]
-        a0l, a0h = f16_halves(a_lo)
-        a2l, a2h = f16_halves(a_hi)
-        b0l, b0h = f16_halves(b0)
-        b1l, b1h = f16_halves(b1)
-        # [8 (row g), 1, 4 (c)] * [1, 8 (column n), 4 (c)], summed over c
-        prod = (tl.reshape(a0l, (8, 4))[:, None, :] * tl.reshape(b0l, (8, 4))[None, :, :]
-                + tl.reshape(a0h, (8, 4))[:, None, :] * tl.reshape(b0h, (8, 4))[None, :, :]
-                + tl.reshape(a2l, (8, 4))[:, None, :] * tl.reshape(b1l, (8, 4))[None, :, :]
-                + tl.reshape(a2h, (8, 4))[:, None, :] * tl.reshape(b1h, (8, 4))[None, :, :])
-        out = tl.sum(prod, axis=2)                                                 # [8 (g), 8 (n)]
+        # a_lo / a_hi hold A[g, 2c:2c+2] / A[g, 2c+8:2c+10] and b0 / b1 B[2c:2c+2, g] / B[2c+8:2c+10, g].
+        # A lane's four k-slots side by side, each fp16 made fp32: [32, 2 (register), 2 (half)] -> [8, 16]
+        a = tl.join(a_lo, a_hi)
+        b = tl.join(b0, b1)
+        a = tl.join((a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                    ((a >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+        b = tl.join((b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                    ((b >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+        a = tl.reshape(a, (8, 16))                                                 # [row g, (c, slot)]
+        b = tl.reshape(b, (8, 16))                                                 # [column n, (c, slot)]
+        out = tl.sum(a[:, None, :] * b[None, :, :], axis=2)                        # [8 (g), 8 (n)]
         even, odd = tl.split(tl.reshape(out, (8, 4, 2)))                           # n = 2c, 2c + 1: [8, 4]
         return tl.reshape(even, (32,)), tl.reshape(odd, (32,))
 
@@ -402,7 +395,7 @@ def _kernels():
     globals().update(store_row_block=store_row_block, k_range=k_range, row_block=row_block, word_tile_at=word_tile_at,
                      int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
                      int8_to_f32=int8_to_f32, unstack4=unstack4, unstack8=unstack8, unstack=unstack, f16_bits=f16_bits,
-                     f16_halves=f16_halves, x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, mma_rows=mma_rows,
+                     x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, mma_rows=mma_rows,
                      mma_16816=mma_16816, int4_f16_pairs=int4_f16_pairs,
                      x_f16_quads=x_f16_quads)
 
@@ -1034,14 +1027,15 @@ def _kernels():
                                        mask=None if EVEN_K else x_col + 16 * q + 8 + k0 < k_hi,
                                        other=None if EVEN_K else 0))
                 xs = xlo + xhi
+                wq = ()  # words 4q..4q + 3 of rows g, g + 8 of each tile: [32] each, index 2t + h
+                for i in tl.static_range(2 * T):
+                    wq = wq + (unstack4(ws[i * Q + q]),)
                 for jj in tl.static_range(4):  # word 4q + jj of the lane's run
                     b0, b1 = x_f16_pairs(xs[2 * jj], xs[2 * jj + 1], ASM)          # [32]
                     new_acc = ()
                     for t in tl.static_range(T):
-                        wa = unstack4(ws[(2 * t) * Q + q])[jj]                      # rows g
-                        wb = unstack4(ws[(2 * t + 1) * Q + q])[jj]                  # rows g + 8
-                        a02, a13 = int8_f16_pairs(wa, ASM)
-                        b02, b13 = int8_f16_pairs(wb, ASM)
+                        a02, a13 = int8_f16_pairs(wq[2 * t][jj], ASM)              # rows g
+                        b02, b13 = int8_f16_pairs(wq[2 * t + 1][jj], ASM)          # rows g + 8
                         d0, d1, d2, d3 = mma_16816(a02, b02, a13, b13, b0, b1, acc[4 * t], acc[4 * t + 1],
                                                    acc[4 * t + 2], acc[4 * t + 3], ASM)
                         new_acc = new_acc + (d0, d1, d2, d3)
