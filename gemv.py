@@ -177,6 +177,14 @@ def _kernels():
         return k_lo, k_hi
 
     @triton.jit
+    def group_range(K, GROUP: tl.constexpr, SPLIT: tl.constexpr):
+        # the int4 kernels' groups g_lo .. g_hi - 1 of split program_id(1) (whole groups; a split may be empty)
+        n_groups = K // GROUP
+        per = tl.cdiv(n_groups, SPLIT)
+        g_lo = tl.program_id(1) * per
+        return g_lo, tl.minimum(g_lo + per, n_groups)
+
+    @triton.jit
     def row_block(M, N, BLOCK_N: tl.constexpr):
         # a program of the fma and h2 kernels (one per block of BLOCK_N rows of W and row of x, rows of x
         # fastest): its row m of x, its rows rn of W, and rn clamped into W (loads stay in bounds, stores mask)
@@ -226,10 +234,7 @@ def _kernels():
         rw = tl.arange(0, GROUP // 8)
         p_off = rn_in[:, None].to(tl.int64) * stride_pn + rw[None, :]           # [BN, W]
         sz_row = sz_ptr + rn_in.to(tl.int64) * stride_szn                         # [BN]
-        n_groups = K // GROUP
-        per = tl.cdiv(n_groups, SPLIT)
-        g_lo = tl.program_id(1) * per
-        g_hi = tl.minimum(g_lo + per, n_groups)
+        g_lo, g_hi = group_range(K, GROUP, SPLIT)
         tile0, row0 = tl.zeros((BLOCK_N, GROUP // 8), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
         words = tl.load(p_ptr + g_lo * (GROUP // 8) + p_off, mask=tile0 + g_lo < g_hi, other=0)
         sz = tl.load(sz_row + g_lo, mask=row0 + g_lo < g_hi, other=0)
@@ -266,23 +271,14 @@ def _kernels():
         return v0, v1, v2, v3
 
     @triton.jit
-    def unstack8(v):
-        even, odd = tl.split(tl.reshape(v, (32, 4, 2)))
-        e0, e1, e2, e3 = unstack4(even)
-        o0, o1, o2, o3 = unstack4(odd)
-        return e0, o0, e1, o1, e2, o2, e3, o3
-
-    @triton.jit
     def unstack(v, N):
-        # [32, N] -> N tensors [32]
+        # [32, N] -> N tensors [32], N = 1, 2 or 4
         if N == 1:
             return (tl.reshape(v, (32,)),)
         elif N == 2:
             return tl.split(v)
-        elif N == 4:
-            return unstack4(v)
         else:
-            return unstack8(v)
+            return unstack4(v)
 
     @triton.jit
     def f16_bits(f):
@@ -339,20 +335,20 @@ def _kernels():
 
     @triton.jit
     def x_f16_quads(x01, x23, x45, x67, ASM: tl.constexpr):
-        # a word's eight x as bf16 pairs (x0, x1) .. (x6, x7) -> the fp16 pairs (x0, x4), (x2, x6), (x1, x5),
-        # (x3, x7) that meet int4_f16_pairs' codes
+        # a word's eight x as bf16 pairs (x0, x1) .. (x6, x7) -> the fp16 pairs (x0, x4), (x1, x5), (x2, x6),
+        # (x3, x7) that meet the codes j, j + 4 of an int4 word (int4_h2; int4_mma through int4_f16_pairs)
         if ASM:
-            b04, b26, b15, b37 = tl.inline_asm_elementwise(
+            b04, b15, b26, b37 = tl.inline_asm_elementwise(
                 "{ .reg .b32 a, b; shl.b32 a, $4, 16; shl.b32 b, $6, 16; cvt.rn.f16x2.f32 $0, b, a; "
-                "shl.b32 a, $5, 16; shl.b32 b, $7, 16; cvt.rn.f16x2.f32 $1, b, a; "
-                "and.b32 a, $4, 0xFFFF0000; and.b32 b, $6, 0xFFFF0000; cvt.rn.f16x2.f32 $2, b, a; "
+                "and.b32 a, $4, 0xFFFF0000; and.b32 b, $6, 0xFFFF0000; cvt.rn.f16x2.f32 $1, b, a; "
+                "shl.b32 a, $5, 16; shl.b32 b, $7, 16; cvt.rn.f16x2.f32 $2, b, a; "
                 "and.b32 a, $5, 0xFFFF0000; and.b32 b, $7, 0xFFFF0000; cvt.rn.f16x2.f32 $3, b, a; }",
                 "=r,=r,=r,=r,r,r,r,r", [x01, x23, x45, x67], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
                 is_pure=True, pack=1)
         else:
             b04, b15 = x_f16_pairs(x01, x45, False)
             b26, b37 = x_f16_pairs(x23, x67, False)
-        return b04, b26, b15, b37
+        return b04, b15, b26, b37
 
     @triton.jit
     def mma_rows(a_lo, a_hi, b0, b1):
@@ -392,9 +388,10 @@ def _kernels():
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
-    globals().update(store_row_block=store_row_block, k_range=k_range, row_block=row_block, word_tile_at=word_tile_at,
-                     int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
-                     int8_to_f32=int8_to_f32, unstack4=unstack4, unstack8=unstack8, unstack=unstack, f16_bits=f16_bits,
+    globals().update(store_row_block=store_row_block, k_range=k_range, group_range=group_range, row_block=row_block,
+                     word_tile_at=word_tile_at, int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile,
+                     int4_group_tile=int4_group_tile,
+                     int8_to_f32=int8_to_f32, unstack4=unstack4, unstack=unstack, f16_bits=f16_bits,
                      x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, mma_rows=mma_rows,
                      mma_16816=mma_16816, int4_f16_pairs=int4_f16_pairs,
                      x_f16_quads=x_f16_quads)
@@ -780,13 +777,7 @@ def _kernels():
             zero = (sz & -65536).to(tl.float32, bitcast=True)
             zacc += zero * x_sum
             if ASM:
-                x0, x1, x2, x3 = tl.inline_asm_elementwise(
-                    "{ .reg .b32 a, b; shl.b32 a, $4, 16; shl.b32 b, $6, 16; cvt.rn.f16x2.f32 $0, b, a; "
-                    "and.b32 a, $4, 0xFFFF0000; and.b32 b, $6, 0xFFFF0000; cvt.rn.f16x2.f32 $1, b, a; "
-                    "shl.b32 a, $5, 16; shl.b32 b, $7, 16; cvt.rn.f16x2.f32 $2, b, a; "
-                    "and.b32 a, $5, 0xFFFF0000; and.b32 b, $7, 0xFFFF0000; cvt.rn.f16x2.f32 $3, b, a; }",
-                    "=r,=r,=r,=r,r,r,r,r", [xw0, xw1, xw2, xw3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                    is_pure=True, pack=1)                                         # [W]: fp16 (x[8w+j], x[8w+j+4])
+                x0, x1, x2, x3 = x_f16_quads(xw0, xw1, xw2, xw3, True)             # [W]: fp16 (x[8w+j], x[8w+j+4])
                 part = tl.inline_asm_elementwise(
                     "{ .reg .b32 a, b, c, d, h, m, f, s0, z0, s1, z1; mov.b32 m, 0x000F000F; mov.b32 f, 0x64006400; "
                     "mov.b32 s0, 0x2C002C00; mov.b32 z0, 0xD408D408; mov.b32 s1, 0x1C001C00; mov.b32 z1, 0xC480C480; "
@@ -871,10 +862,10 @@ def _kernels():
 
     @triton.jit
     def mma_final(v0, v1, v2, v3, m0, n_a, n_b, na_in, nb_in, y_ptr, s_ptr, M, N, stride_ym):
-        # the mma kernels' outputs, [T, 32] each: v0 / v1 = rows n_a of W and rows m0 / m0 + 1 of x, v2 / v3
-        # = rows n_b; times the row's scale, stored as bf16
+        # one tile of the mma kernels' sums, [32] each: v0 / v1 = rows n_a of W by rows m0 / m0 + 1 of x, v2 / v3
+        # = rows n_b; times the row's scale (none: int4, scaled per group), stored as bf16
         m1 = m0 + 1
-        if s_ptr is None:  # int4: scales applied per group already
+        if s_ptr is None:
             s_a, s_b = 1.0, 1.0
         else:
             s_a = tl.load(s_ptr + na_in).to(tl.float32)
@@ -887,8 +878,8 @@ def _kernels():
 
     @triton.jit
     def mma_partials(v0, v1, v2, v3, m0, n_a, n_b, part_ptr, split, M, N, LOAD: tl.constexpr):
-        # a K split's partial sums of one tile in the workspace: stored (LOAD False) or, by the last program,
-        # the SPLIT programs' sums added up (LOAD True: v0..v3 are then the number of splits)
+        # a K split's partial sums of one tile in the workspace: stored as split number `split` (LOAD False)
+        # or, by the last program, the sums of all `split` splits returned (LOAD True; v0..v3 unused)
         m1 = m0 + 1
         if LOAD:
             v0, v1, v2, v3 = tl.zeros_like(n_a).to(tl.float32), tl.zeros_like(n_a).to(tl.float32), \
@@ -1074,10 +1065,7 @@ def _kernels():
         word = WPL * c[:, None] + tl.arange(0, WPL)[None, :]                      # [32, WPL]: words of a group
         quad = 4 * WPL * c[:, None] + tl.arange(0, 4)[None, :]                    # [32, 4]: the first word's x pairs
         x_off = tl.minimum(g, M - 1)[:, None] * stride_xm + quad                  # B's column g is x's row g
-        n_groups = K // GROUP
-        per = tl.cdiv(n_groups, SPLIT)
-        g_lo = tl.program_id(1) * per
-        g_hi = tl.minimum(g_lo + per, n_groups)
+        g_lo, g_hi = group_range(K, GROUP, SPLIT)
         w_offs, rows = mma_tiles(pid, g, word, N, stride_pn, BLOCK_N, T)
         sz_rows = ()  # the scale pointers of rows g, g + 8 of tile t: 2t, 2t + 1
         for t in tl.static_range(T):
@@ -1119,7 +1107,7 @@ def _kernels():
                 words = words + (unstack(ws[i], WPL),)
             for j in tl.static_range(WPL):
                 x01, x23, x45, x67 = unstack4(tl.load(x_ptr + gi * (GROUP // 2) + 4 * j + x_off))  # [32] each
-                b04, b26, b15, b37 = x_f16_quads(x01, x23, x45, x67, ASM)
+                b04, b15, b26, b37 = x_f16_quads(x01, x23, x45, x67, ASM)
                 new_cs = ()
                 for t in tl.static_range(T):
                     a04, a15, a26, a37 = int4_f16_pairs(words[2 * t][j], ASM)       # rows g
@@ -1424,9 +1412,10 @@ def _pdl_args(device: torch.device) -> dict:
 
 
 def _grid_rows(kernel: str, M: int, N: int, block_n: int) -> tuple:
-    """fma and h2 kernels: a program per (block of W rows, row of x), rows of x fastest; dot kernels: per block."""
+    """fma and h2 kernels: a program per (block of W rows, row of x), rows of x fastest; dot and mma kernels:
+    per block (all rows of x at once)."""
     programs = -(-N // block_n)
-    return (programs,) if "dot" in kernel else (programs * M,)
+    return (programs,) if "dot" in kernel or "mma" in kernel else (programs * M,)
 
 
 def _block_m(M: int) -> int:
@@ -1440,33 +1429,33 @@ def _unpack(cfg):
 
 
 def _run_dense(x2, w, scales, cfg):
-    """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2 or dot kernel with config cfg -> y bf16 [M, N]."""
+    """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma or dot kernel with config cfg
+    -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages, split, ahead = _unpack(cfg)
     quant = scales is not None
     if kernel == "dequant":
         return F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16) if quant else F.linear(x2, w)
     M, K = x2.shape
     N = w.shape[0]
-    y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
-    grid = _grid_rows(kernel, M, N, block_n)
-    part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
-                  **_pdl_args(x2.device))
-    s = scales if quant else w  # an unused pointer for bf16
     if kernel == "int8_mma" and (M > 8 or K % 4 or w.data_ptr() % 4 or x2.stride(0) % 2 or x2.data_ptr() % 4):
         kernel = "int8_h2"  # B has 8 columns; W read as words, x as bf16 pairs
     if kernel in ("int8_fma", "int8_h2") and (K % 4 or w.data_ptr() % 4):  # not readable as words: bytes
         kernel = "fma_prmt"
     if kernel == "int8_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int8_fma"
-    if kernel == "int8_mma":
+    y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
+    grid = _grid_rows(kernel, M, N, block_n)
+    part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
+                  **_pdl_args(x2.device))
+    s = scales if quant else w  # an unused pointer for bf16
+    if kernel == "int8_mma":  # W as words, x as bf16 pairs; a step of BLOCK_K columns = 16 * WPL
         words, xs = w.view(torch.int32), x2.view(torch.int32)
-        grid = (-(-N // block_n), split)
-        part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
-        _kernels()[kernel][grid](
-            xs, words, s, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), BLOCK_N=block_n,
-            WPL=block_k // 16, EVEN_K=K % block_k == 0, SPLIT=split, AHEAD=ahead, ASM=not _interpret(),
-            num_warps=warps, num_stages=1, **_pdl_args(x2.device))
+        common["WPL"] = block_k // 16
+        del common["BLOCK_K"]
+        _kernels()[kernel][(grid[0], split)](
+            xs, words, s, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
+            ASM=not _interpret(), num_stages=1, **common)
     elif kernel in ("int8_fma", "int8_h2"):
         words = w.view(torch.int32)  # [N, K / 4]
         xs = x2.view(torch.int32) if kernel == "int8_h2" else x2  # h2 reads x as bf16 pairs [M, K / 2]
@@ -1502,7 +1491,8 @@ def _split_workspace(device: torch.device, n_part: int, n_count: int):
 
 
 def _run_int4(x2, packed, scales_zeros, group_size, cfg):
-    """int4 through int4_fma_kernel / int4_h2_kernel / int4_dot_kernel with config cfg -> y bf16 [M, N]."""
+    """int4 through int4_fma_kernel / int4_h2_kernel / int4_mma_kernel / int4_dot_kernel with config cfg
+    -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages = cfg
     if kernel == "dequant":
         return F.linear(x2, int4_dequantize(packed, scales_zeros, group_size))
@@ -1514,28 +1504,21 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
         kernel = "int4_h2"
     if kernel in ("int4_h2", "int4_mma") and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int4_fma"
-    if kernel == "int4_mma":
-        words, xs = packed.view(torch.int32), x2.view(torch.int32)
-        split = block_k
-        grid = (-(-N // block_n), split)
-        part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
-        _kernels()[kernel][grid](
-            xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, ONE_ROW=M == 1, ASM=not _interpret(),
-            num_warps=warps, num_stages=1, **_pdl_args(x2.device))
-    elif kernel in ("int4_fma", "int4_h2"):
+    if kernel in ("int4_fma", "int4_h2", "int4_mma"):
         words = packed.view(torch.int32)  # [N, K / 8]
         split = block_k
         grid = _grid_rows(kernel, M, N, block_n)
         part, count = _split_workspace(x2.device, split * M * N, grid[0])
-        if kernel == "int4_h2":  # x as bf16 pairs [M, K / 2]; inline PTX unless interpreted
-            xs, extra, asm = x2.view(torch.int32), (), {"ASM": not _interpret()}
-        else:  # int4_fma's OR constants arrive as runtime values (see the kernel)
-            xs, extra, asm = x2, (0x43000000, 0x45000000), {}
+        if kernel == "int4_fma":  # its OR constants arrive as runtime values (see the kernel)
+            xs, extra, flags = x2, (0x43000000, 0x45000000), {}
+        else:  # x as bf16 pairs [M, K / 2]; inline PTX unless interpreted
+            xs, extra, flags = x2.view(torch.int32), (), {"ASM": not _interpret()}
+            if kernel == "int4_mma":
+                flags["ONE_ROW"] = M == 1
         _kernels()[kernel][(grid[0], split)](
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
             *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps, num_stages=1,
-            **asm, **_pdl_args(x2.device))
+            **flags, **_pdl_args(x2.device))
     else:
         _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
