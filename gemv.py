@@ -66,7 +66,9 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          one more mma a word whose A is constant (int4 per group: scale * (C - offsets . x) + zero * sum x).
          At one row they lose to int8_h2 / int4_h2 on every llama-3-8b shape (5-30%, latency-bound like them,
          fewer instructions or not), so they are candidates from 2 to 8 rows, where they beat the dot kernels
-         (int8 1.05-1.26x, int4 1.3-3.1x on the H200 at 8 rows).
+         (int8 1.05-1.26x, int4 1.3-3.1x on the H200 at 8 rows). bf16_mma feeds bf16 W to a bf16 mma as loaded
+         (no conversion, no offsets): on the H200 it matches cuBLAS at 8 rows and beats cuBLAS and the fma/dot
+         kernels on some shapes at 2 and 4 (gate_up 56.4 against 61.4 us at 2 rows); a candidate from 2 rows.
   dot    one program = all M rows (padded to a power of two >= 16) and BLOCK_N rows of W, tensor cores via
          tl.dot: reads W once for any M; a sixth number splits K as in fma (N = 4096 in blocks of 64 rows
          is only 64 programs for 132 SMs). The int4 one takes a group per step, even and odd columns of x
@@ -351,16 +353,20 @@ def _kernels():
         return b04, b15, b26, b37
 
     @triton.jit
-    def mma_rows(a_lo, a_hi, b0, b1):
+    def half_pairs_f32(v, BF16: tl.constexpr):
+        # int32 registers of two fp16 (or bf16) -> [..., 2] fp32: (low half, high half)
+        if BF16:
+            return tl.join((v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True))
+        return tl.join((v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                       ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+    @triton.jit
+    def mma_rows(a_lo, a_hi, b0, b1, BF16: tl.constexpr):
         # mma_16816 without PTX, 8 rows of A: lane (g, c) gets sum_k A[g, k] B[k, 2c] and B[k, 2c + 1], where
         # a_lo / a_hi hold A[g, 2c:2c+2] / A[g, 2c+8:2c+10] and b0 / b1 B[2c:2c+2, g] / B[2c+8:2c+10, g].
-        # A lane's four k-slots side by side, each fp16 made fp32: [32, 2 (register), 2 (half)] -> [8, 16]
-        a = tl.join(a_lo, a_hi)
-        b = tl.join(b0, b1)
-        a = tl.join((a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
-                    ((a >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
-        b = tl.join((b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
-                    ((b >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+        # A lane's four k-slots side by side, each half made fp32: [32, 2 (register), 2 (half)] -> [8, 16]
+        a = half_pairs_f32(tl.join(a_lo, a_hi), BF16)
+        b = half_pairs_f32(tl.join(b0, b1), BF16)
         a = tl.reshape(a, (8, 16))                                                 # [row g, (c, slot)]
         b = tl.reshape(b, (8, 16))                                                 # [column n, (c, slot)]
         out = tl.sum(a[:, None, :] * b[None, :, :], axis=2)                        # [8 (g), 8 (n)]
@@ -368,20 +374,27 @@ def _kernels():
         return tl.reshape(even, (32,)), tl.reshape(odd, (32,))
 
     @triton.jit
-    def mma_16816(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, ASM: tl.constexpr):
-        # d = a @ b + c, mma.sync.m16n8k16 with fp16 operands (int32 registers of two) and fp32 sums. Lane
-        # (g, c): a0 = A[g, 2c:2c+2], a1 = A[g+8, 2c:2c+2], a2 = A[g, 2c+8:2c+10], a3 = A[g+8, 2c+8:2c+10];
+    def mma_16816(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, ASM: tl.constexpr, BF16: tl.constexpr = False):
+        # d = a @ b + c, mma.sync.m16n8k16 with fp16 (BF16: bf16) operands (int32 registers of two) and fp32
+        # sums. Lane (g, c): a0 = A[g, 2c:2c+2], a1 = A[g+8, 2c:2c+2], a2 = A[g, 2c+8:2c+10], a3 = A[g+8, 2c+8:2c+10];
         # b0 = B[2c:2c+2, g], b1 = B[2c+8:2c+10, g]; c0, c1 = C[g, 2c], C[g, 2c+1]; c2, c3 = C[g+8, 2c], C[g+8, 2c+1].
         # Without PTX (the interpreter) the same product from the lanes' registers with tl ops.
         if ASM:
-            d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-                "{$10, $11, $12, $13};",
-                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            if BF16:
+                d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                    "{$8, $9}, {$10, $11, $12, $13};",
+                    "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            else:
+                d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                    "{$8, $9}, {$10, $11, $12, $13};",
+                    "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
         else:
-            d0, d1 = mma_rows(a0, a2, b0, b1)
-            d2, d3 = mma_rows(a1, a3, b0, b1)
+            d0, d1 = mma_rows(a0, a2, b0, b1, BF16)
+            d2, d3 = mma_rows(a1, a3, b0, b1, BF16)
             d0, d1, d2, d3 = c0 + d0, c1 + d1, c2 + d2, c3 + d3
         return d0, d1, d2, d3
 
@@ -392,7 +405,7 @@ def _kernels():
                      word_tile_at=word_tile_at, int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile,
                      int4_group_tile=int4_group_tile,
                      int8_to_f32=int8_to_f32, unstack4=unstack4, unstack=unstack, f16_bits=f16_bits,
-                     x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, mma_rows=mma_rows,
+                     x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, half_pairs_f32=half_pairs_f32, mma_rows=mma_rows,
                      mma_16816=mma_16816, int4_f16_pairs=int4_f16_pairs,
                      x_f16_quads=x_f16_quads)
 
@@ -903,16 +916,17 @@ def _kernels():
     globals().update(mma_final=mma_final, mma_partials=mma_partials)
 
     @triton.jit
-    def int8_mma_words(w_ptr, k, w_offs, w_col, k_hi, T: tl.constexpr, Q: tl.constexpr, EVEN_K: tl.constexpr):
-        # int8_mma's words of the step at column k: 2 T Q tensors [32, 4] (16 bytes a lane), masked past k_hi
-        # only for a ragged K
+    def mma_words(w_ptr, k, w_offs, w_col, k_hi, T: tl.constexpr, Q: tl.constexpr, EVEN_K: tl.constexpr,
+                  PER: tl.constexpr):
+        # the mma kernels' words of the step at column k (PER columns a word: 4 int8 codes, 2 bf16): 2 T Q
+        # tensors [32, 4] (16 bytes a lane), masked past k_hi only for a ragged K
         ws = ()
         for i in tl.static_range(2 * T * Q):
-            ptrs = w_ptr + k // 4 + 4 * (i % Q) + w_offs[i // Q]
+            ptrs = w_ptr + k // PER + 4 * (i % Q) + w_offs[i // Q]
             if EVEN_K:
                 ws = ws + (tl.load(ptrs),)
             else:
-                ws = ws + (tl.load(ptrs, mask=w_col + 16 * (i % Q) + k < k_hi, other=0),)
+                ws = ws + (tl.load(ptrs, mask=w_col + 4 * PER * (i % Q) + k < k_hi, other=0),)
         return ws
 
     @triton.jit
@@ -955,7 +969,7 @@ def _kernels():
                               y_ptr, s_ptr, M, N, stride_ym)
                 tl.atomic_xchg(count_ptr + pid, 0)
 
-    globals().update(int8_mma_words=int8_mma_words, mma_tiles=mma_tiles, mma_store=mma_store)
+    globals().update(mma_words=mma_words, mma_tiles=mma_tiles, mma_store=mma_store)
 
     @triton.jit
     def int8_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -987,10 +1001,10 @@ def _kernels():
         # first steps before PDL's wait (W is never written; PEEL is implied). Unmasked (whole steps), a load
         # past the split's end re-reads its last step, or K's for an empty split (k_hi = K < k_lo), and adds
         # nothing.
-        ws = int8_mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K)
+        ws = mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K, 4)
         if AHEAD == 2:
-            ws2 = int8_mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
-                                 k_hi, T, Q, EVEN_K)
+            ws2 = mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
+                            k_hi, T, Q, EVEN_K, 4)
         if PDL:
             tl.extra.cuda.gdc_wait()
         acc = ()
@@ -1006,7 +1020,7 @@ def _kernels():
             k_next = k0 + AHEAD * STEP
             if EVEN_K:
                 k_next = tl.minimum(k_next, k_hi - STEP)
-            ws_next = int8_mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K)
+            ws_next = mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K, 4)
             if AHEAD == 0:
                 ws = ws_next
             for q in tl.static_range(Q):
@@ -1043,6 +1057,69 @@ def _kernels():
         for t in tl.static_range(T):
             out = out + (acc[4 * t] - cor0, acc[4 * t + 1] - cor1, acc[4 * t + 2] - cor0, acc[4 * t + 3] - cor1)
         mma_store(out, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+
+    @triton.jit
+    def bf16_mma_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                        BLOCK_N: tl.constexpr, WPL: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+        # int8_mma's tiles and steps with bf16 W fed to the mma as loaded: w bf16 [N, K] and x bf16 [M, K], both
+        # read as int32 words of two ([N, K/2], [M, K/2]). Lane (g, c) loads WPL consecutive words of rows g
+        # and g + 8 of each tile (16 bytes at a time) and the same words of x's row g; two words of each
+        # (four columns) are one mma's k-slots 2c, 2c + 1, 2c + 8, 2c + 9. No conversion, no correction.
+        T: tl.constexpr = BLOCK_N // 16
+        Q: tl.constexpr = WPL // 4                                                 # 16-byte loads a row a step
+        STEP: tl.constexpr = 8 * WPL                                               # columns a step
+        pid = tl.program_id(0)
+        lane = tl.arange(0, 32)
+        g = lane // 4
+        c = lane % 4
+        word = WPL * c[:, None] + tl.arange(0, 4)[None, :]                        # [32, 4]: a lane's first 4 words
+        x_off = tl.minimum(g, M - 1)[:, None] * stride_xm + word                  # B's column g is x's row g
+        k_lo, k_hi = k_range(K, STEP, SPLIT)
+        if EVEN_K:
+            w_col = tl.zeros_like(word)
+        else:  # a ragged K (K % 2 == 0): masks per word, from its first column
+            w_col = 2 * word
+        w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T)
+        # the first steps before PDL's wait, as in int8_mma
+        ws = mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K, 2)
+        if AHEAD == 2:
+            ws2 = mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
+                            k_hi, T, Q, EVEN_K, 2)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = ()
+        for i in tl.static_range(4 * T):
+            acc = acc + (tl.zeros((32,), tl.float32),)
+        for k0 in range(k_lo, k_hi, STEP):
+            k_next = k0 + AHEAD * STEP
+            if EVEN_K:
+                k_next = tl.minimum(k_next, k_hi - STEP)
+            ws_next = mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K, 2)
+            if AHEAD == 0:
+                ws = ws_next
+            for q in tl.static_range(Q):
+                xq = unstack4(tl.load(x_ptr + k0 // 2 + 4 * q + x_off,                   # x words 4q..4q + 3
+                                      mask=None if EVEN_K else w_col + 8 * q + k0 < k_hi,
+                                      other=None if EVEN_K else 0))
+                wq = ()  # words 4q..4q + 3 of rows g, g + 8 of each tile: [32] each, index 2t + h
+                for i in tl.static_range(2 * T):
+                    wq = wq + (unstack4(ws[i * Q + q]),)
+                for jj in tl.static_range(2):  # words 2jj, 2jj + 1: one mma
+                    new_acc = ()
+                    for t in tl.static_range(T):
+                        d0, d1, d2, d3 = mma_16816(wq[2 * t][2 * jj], wq[2 * t + 1][2 * jj], wq[2 * t][2 * jj + 1],
+                                                   wq[2 * t + 1][2 * jj + 1], xq[2 * jj], xq[2 * jj + 1],
+                                                   acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3], ASM, True)
+                        new_acc = new_acc + (d0, d1, d2, d3)
+                    acc = new_acc
+            if AHEAD == 2:
+                ws, ws2 = ws2, ws_next
+            elif AHEAD == 1:
+                ws = ws_next
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        mma_store(acc, rows, 2 * c, y_ptr, None, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
 
     @triton.jit
     def int4_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
@@ -1142,7 +1219,7 @@ def _kernels():
         mma_store(y, rows, 2 * c, y_ptr, None, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
 
     return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int8_h2": int8_h2_kernel,
-            "int8_mma": int8_mma_kernel, "int4_mma": int4_mma_kernel,
+            "int8_mma": int8_mma_kernel, "int4_mma": int4_mma_kernel, "bf16_mma": bf16_mma_kernel,
             "int4_fma": int4_fma_kernel, "int4_h2": int4_h2_kernel, "int4_dot": int4_dot_kernel,
             "int4_dequant": int4_dequant_kernel}
 
@@ -1201,6 +1278,11 @@ _MMA_INT8 = [_cfg("int8_mma", 16, 128, 1, 1, 8, 1), _cfg("int8_mma", 32, 128, 1,
              _cfg("int8_mma", 32, 128, 1, 1, 2, 1)]
 _MMA_INT4 = [_cfg("int4_mma", 16, 8, 1, 1), _cfg("int4_mma", 32, 8, 1, 1), _cfg("int4_mma", 16, 4, 1, 1),
              _cfg("int4_mma", 128, 4, 1, 1), _cfg("int4_mma", 32, 2, 1, 1), _cfg("int4_mma", 16, 16, 1, 1)]
+# bf16_mma (bf16 W as loaded, no conversion), the same numbers (columns a step = 8 * words a lane): within ~3%
+# of the best on some llama-3-8b shape at 2, 4 or 8 rows on the H200 (.gpu/bf16_sweep.py); at one row the fma
+# kernels win every shape
+_MMA_BF16 = [_cfg("bf16_mma", 16, 64, 1, 1, 8, 1), _cfg("bf16_mma", 16, 64, 1, 1, 16, 1),
+             _cfg("bf16_mma", 16, 64, 1, 1, 1, 1), _cfg("bf16_mma", 16, 64, 1, 1, 4, 1)]
 MMA_MAX_M = 8  # B's columns
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
 NO_PDL_HANDICAP = 1.15  # see _pick
@@ -1217,10 +1299,10 @@ def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
     else:
         fma = _FMA_BF16 if op == "bf16" else [c for c in _FMA_INT8 if c[0] not in ("int8_fma", "int8_h2") or K % 4 == 0]
         dot = _DOT
-        mma = _MMA_INT8 if op == "int8" and K % 4 == 0 else []
+        mma = _MMA_INT8 if op == "int8" and K % 4 == 0 else _MMA_BF16 if op == "bf16" and K % 2 == 0 else []
     if os.environ.get("FLINT_GEMV_FP16", "1") == "0":  # no fp16 products (a model whose activations leave fp16's range)
         fma = [c for c in fma if not c[0].endswith("_h2")]
-        mma = []
+        mma = [c for c in mma if c[0] == "bf16_mma"]  # bf16 in, no fp16
     if os.environ.get("FLINT_GEMV_MMA", "1") == "0":
         mma = []
     if M == 1:
@@ -1429,8 +1511,8 @@ def _unpack(cfg):
 
 
 def _run_dense(x2, w, scales, cfg):
-    """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma or dot kernel with config cfg
-    -> y bf16 [M, N]."""
+    """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma, bf16_mma or dot kernel with
+    config cfg -> y bf16 [M, N]."""
     kernel, block_n, block_k, warps, stages, split, ahead = _unpack(cfg)
     quant = scales is not None
     if kernel == "dequant":
@@ -1439,6 +1521,9 @@ def _run_dense(x2, w, scales, cfg):
     N = w.shape[0]
     if kernel == "int8_mma" and (M > 8 or K % 4 or w.data_ptr() % 4 or x2.stride(0) % 2 or x2.data_ptr() % 4):
         kernel = "int8_h2"  # B has 8 columns; W read as words, x as bf16 pairs
+    if kernel == "bf16_mma" and (M > 8 or K % 2 or w.stride(0) % 2 or w.data_ptr() % 4 or x2.stride(0) % 2
+                                 or x2.data_ptr() % 4):
+        kernel, block_n, block_k, warps, stages, split, ahead = _unpack(_FMA_BF16[0])  # W, x read as words
     if kernel in ("int8_fma", "int8_h2") and (K % 4 or w.data_ptr() % 4):  # not readable as words: bytes
         kernel = "fma_prmt"
     if kernel == "int8_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
@@ -1449,7 +1534,14 @@ def _run_dense(x2, w, scales, cfg):
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
                   **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
-    if kernel == "int8_mma":  # W as words, x as bf16 pairs; a step of BLOCK_K columns = 16 * WPL
+    if kernel == "bf16_mma":  # W and x as words of two bf16; a step of BLOCK_K columns = 8 * WPL
+        words, xs = w.view(torch.int32), x2.view(torch.int32)
+        common["WPL"] = block_k // 8
+        del common["BLOCK_K"]
+        _kernels()[kernel][(grid[0], split)](
+            xs, words, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
+            ASM=not _interpret(), num_stages=1, **common)
+    elif kernel == "int8_mma":  # W as words, x as bf16 pairs; a step of BLOCK_K columns = 16 * WPL
         words, xs = w.view(torch.int32), x2.view(torch.int32)
         common["WPL"] = block_k // 16
         del common["BLOCK_K"]

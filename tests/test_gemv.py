@@ -190,11 +190,36 @@ def test_mma_kernels_ahead_splits_and_rows():
     x4, packed, sz, ref4 = int4_problem(5, 41, 384, 128)
     for cfg in [("int4_mma", 16, 4, 1, 0), ("int4_mma", 32, 4, 1, 1)]:
         close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
+    # bf16_mma: 5 rows, a ragged K (330 = 5 steps of 64 and 10 columns; 2.6 steps of 128), two tiles a warp,
+    # no step / two steps ahead, splits of which some are empty; then 2 rows over whole steps
+    x, w = problem(5, 97, 330)
+    wb = w.to(torch.bfloat16)
+    ref = x.float() @ wb.float().t()
+    for cfg in [("bf16_mma", 16, 64, 1, 1, 3, 0), ("bf16_mma", 32, 128, 1, 1, 2, 1), ("bf16_mma", 16, 32, 1, 1, 16, 2)]:
+        close(gemv._run_dense(x.to(DEVICE), wb.to(DEVICE), None, cfg), ref)
+    x, w = problem(2, 40, 256)
+    wb = w.to(torch.bfloat16)
+    close(gemv._run_dense(x.to(DEVICE), wb.to(DEVICE), None, ("bf16_mma", 16, 64, 1, 1, 8, 2)), x.float() @ wb.float().t())
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
-    for M in (2, 8):  # from 2 rows (at one the h2 kernels win every shape)
+    for M in (2, 8):  # from 2 rows (at one the h2 and fma kernels win every shape)
         assert all(c in gemv.candidates("int8", M, 4096) for c in gemv._MMA_INT8)
         assert all(c in gemv.candidates("int4", M, 4096, 128) for c in gemv._MMA_INT4)
-    assert not any(c[0].endswith("_mma") for c in gemv.candidates("int8", 1, 4096) + gemv.candidates("int4", 1, 4096, 128))
+        assert all(c in gemv.candidates("bf16", M, 4096) for c in gemv._MMA_BF16)
+    assert not any(c[0].endswith("_mma") for op in ("int8", "int4", "bf16") for c in gemv.candidates(op, 1, 4096, 128))
+
+
+def test_bf16_mma_falls_back_where_w_or_x_are_not_words():
+    # bf16_mma reads W and x as int32 words of two bf16: an odd K, an odd row stride or more than 8 rows run
+    # the default fma config instead, with the same result
+    cfg = ("bf16_mma", 16, 64, 1, 1, 2, 1)
+    for M, K in [(3, 321), (9, 256)]:
+        x, w = problem(M, 40, K)
+        wb = w.to(torch.bfloat16)
+        close(gemv._run_dense(x.to(DEVICE), wb.to(DEVICE), None, cfg), x.float() @ wb.float().t())
+    x, w = problem(2, 40, 257)
+    wb = w.to(torch.bfloat16)
+    x, wb_view = x[:, :256], wb[:, :256]  # strides 257: rows not word-aligned
+    close(gemv._run_dense(x.to(DEVICE), wb_view.to(DEVICE), None, cfg), x.float() @ wb_view.float().t())
 
 
 def test_fp16_products_can_be_left_out_of_the_candidates(monkeypatch):
@@ -205,10 +230,11 @@ def test_fp16_products_can_be_left_out_of_the_candidates(monkeypatch):
         for M in (1, 8):
             configs = gemv.candidates(op, M, 4096, 128 if op == "int4" else 0)
             assert configs and not any(c[0].endswith(("_h2", "_mma")) for c in configs)
+    assert all(c in gemv.candidates("bf16", 8, 4096) for c in gemv._MMA_BF16)  # bf16 products: no fp16 in it
     monkeypatch.setenv("FLINT_GEMV_FP16", "1")
     monkeypatch.setenv("FLINT_GEMV_MMA", "0")  # the tensor-core kernels alone
     assert any(c[0] == "int8_h2" for c in gemv.candidates("int8", 1, 4096))
-    assert not any(c[0].endswith("_mma") for c in gemv.candidates("int8", 8, 4096) + gemv.candidates("int4", 8, 4096, 128))
+    assert not any(c[0].endswith("_mma") for op in ("int8", "int4", "bf16") for c in gemv.candidates(op, 8, 4096, 128))
 
 
 def test_int8_and_int4_kernels_take_activations_in_the_thousands():
