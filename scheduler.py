@@ -196,6 +196,11 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._loop: threading.Thread | None = None
         self.loop_errors: list[str] = []
+        bad = sorted({f"{p.dtype} on {p.device}" for p in model.parameters()
+                      if p.dtype != dtype or p.device.type != torch.device(device).type})
+        if bad:  # else the first step fails deep inside (a cache of one dtype, keys of another)
+            raise ValueError(f"Engine runs {dtype} on {device}, but the model's parameters are {', '.join(bad)}: "
+                             f"move it first (model.to(device, dtype)) or use Engine.load")
         self.model, self.tokenizer = model, tokenizer
         self.args = model.args
         self.device, self.dtype = device, dtype

@@ -103,6 +103,15 @@ def test_prompt_longer_than_context_is_rejected(engine):
     assert len(r.token_ids) == 4 and r.finish_reason == "length"
 
 
+def test_model_in_another_dtype_is_rejected(engine):
+    # Engine(model, ...) takes the model as it is: one in another dtype than the engine's gets a clear error
+    # at construction, not an index_put failure inside the first step
+    from scheduler import Engine
+    with pytest.raises(ValueError, match=r"Engine runs torch.bfloat16 on cpu, but the model's parameters are "
+                                         r"torch.float32 on cpu: move it first"):
+        Engine(engine.model, engine.tokenizer, torch.device("cpu"), torch.bfloat16)
+
+
 def test_empty_prompt_is_rejected(engine):
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([[]], SamplingParams(max_new_tokens=4))
