@@ -930,6 +930,37 @@ def _kernels():
         return ws
 
     @triton.jit
+    def mma_first_words(w_ptr, k_lo, k_hi, w_offs, w_col, T: tl.constexpr, Q: tl.constexpr, EVEN_K: tl.constexpr,
+                        PER: tl.constexpr, STEP: tl.constexpr, AHEAD: tl.constexpr):
+        # the words of a program's first step (and, two steps ahead, its second), loaded before PDL's wait (W is
+        # never written; PEEL is implied). Unmasked (whole steps), a load past the split's end re-reads its last
+        # step, or K's for an empty split (k_hi = K < k_lo), and adds nothing.
+        ws = mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K, PER)
+        if AHEAD == 2:
+            ws2 = mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
+                            k_hi, T, Q, EVEN_K, PER)
+        else:
+            ws2 = ws
+        return ws, ws2
+
+    @triton.jit
+    def mma_next_words(w_ptr, k0, k_hi, w_offs, w_col, T: tl.constexpr, Q: tl.constexpr, EVEN_K: tl.constexpr,
+                       PER: tl.constexpr, STEP: tl.constexpr, AHEAD: tl.constexpr):
+        # the words AHEAD steps on from the step at column k0 (0: this step's)
+        k_next = k0 + AHEAD * STEP
+        if EVEN_K:
+            k_next = tl.minimum(k_next, k_hi - STEP)
+        return mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K, PER)
+
+    @triton.jit
+    def mma_zeros(N: tl.constexpr):
+        # N fp32 sums [32], one register a lane each
+        acc = ()
+        for i in tl.static_range(N):
+            acc = acc + (tl.zeros((32,), tl.float32),)
+        return acc
+
+    @triton.jit
     def mma_tiles(pid, g, word, N, stride_wn, BLOCK_N: tl.constexpr, T: tl.constexpr):
         # the mma kernels' T tiles of 16 rows of W: word offsets 2t, 2t + 1 of rows g and g + 8 of tile t
         # (word: the lane's [32, 4] words of a row), and rows 4t..4t + 3 (n_a = g, n_b = g + 8, both clamped
@@ -969,7 +1000,8 @@ def _kernels():
                               y_ptr, s_ptr, M, N, stride_ym)
                 tl.atomic_xchg(count_ptr + pid, 0)
 
-    globals().update(mma_words=mma_words, mma_tiles=mma_tiles, mma_store=mma_store)
+    globals().update(mma_words=mma_words, mma_first_words=mma_first_words, mma_next_words=mma_next_words,
+                     mma_zeros=mma_zeros, mma_tiles=mma_tiles, mma_store=mma_store)
 
     @triton.jit
     def int8_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -997,30 +1029,18 @@ def _kernels():
         else:  # a ragged K (K % 4 == 0): masks per word and per x pair, from their first column
             w_col, x_col = 4 * word, 2 * pair
         w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T)
-        # [32, 4] words: index (2t + h) * Q + q = tile t, rows g (h = 0) / g + 8 (h = 1), words 4q..4q + 3; the
-        # first steps before PDL's wait (W is never written; PEEL is implied). Unmasked (whole steps), a load
-        # past the split's end re-reads its last step, or K's for an empty split (k_hi = K < k_lo), and adds
-        # nothing.
-        ws = mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K, 4)
-        if AHEAD == 2:
-            ws2 = mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
-                            k_hi, T, Q, EVEN_K, 4)
+        # [32, 4] words: index (2t + h) * Q + q = tile t, rows g (h = 0) / g + 8 (h = 1), words 4q..4q + 3
+        ws, ws2 = mma_first_words(w_ptr, k_lo, k_hi, w_offs, w_col, T, Q, EVEN_K, 4, STEP, AHEAD)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        acc = ()
-        for i in tl.static_range(4 * T):
-            acc = acc + (tl.zeros((32,), tl.float32),)
+        acc = mma_zeros(4 * T)
         cor0 = tl.zeros((32,), tl.float32)
         cor1 = tl.zeros((32,), tl.float32)
         cor2 = tl.zeros((32,), tl.float32)
         cor3 = tl.zeros((32,), tl.float32)
         k1152 = tl.full((32,), 0x64806480, tl.int32)                               # fp16 (1152, 1152)
         for k0 in range(k_lo, k_hi, STEP):
-            # the words AHEAD steps on (0: this step's)
-            k_next = k0 + AHEAD * STEP
-            if EVEN_K:
-                k_next = tl.minimum(k_next, k_hi - STEP)
-            ws_next = mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K, 4)
+            ws_next = mma_next_words(w_ptr, k0, k_hi, w_offs, w_col, T, Q, EVEN_K, 4, STEP, AHEAD)
             if AHEAD == 0:
                 ws = ws_next
             for q in tl.static_range(Q):
@@ -1081,21 +1101,12 @@ def _kernels():
         else:  # a ragged K (K % 2 == 0): masks per word, from its first column
             w_col = 2 * word
         w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T)
-        # the first steps before PDL's wait, as in int8_mma
-        ws = mma_words(w_ptr, tl.minimum(k_lo, k_hi - STEP) if EVEN_K else k_lo, w_offs, w_col, k_hi, T, Q, EVEN_K, 2)
-        if AHEAD == 2:
-            ws2 = mma_words(w_ptr, tl.minimum(k_lo + STEP, k_hi - STEP) if EVEN_K else k_lo + STEP, w_offs, w_col,
-                            k_hi, T, Q, EVEN_K, 2)
+        ws, ws2 = mma_first_words(w_ptr, k_lo, k_hi, w_offs, w_col, T, Q, EVEN_K, 2, STEP, AHEAD)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        acc = ()
-        for i in tl.static_range(4 * T):
-            acc = acc + (tl.zeros((32,), tl.float32),)
+        acc = mma_zeros(4 * T)
         for k0 in range(k_lo, k_hi, STEP):
-            k_next = k0 + AHEAD * STEP
-            if EVEN_K:
-                k_next = tl.minimum(k_next, k_hi - STEP)
-            ws_next = mma_words(w_ptr, k_next, w_offs, w_col, k_hi, T, Q, EVEN_K, 2)
+            ws_next = mma_next_words(w_ptr, k0, k_hi, w_offs, w_col, T, Q, EVEN_K, 2, STEP, AHEAD)
             if AHEAD == 0:
                 ws = ws_next
             for q in tl.static_range(Q):
