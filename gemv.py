@@ -380,18 +380,11 @@ def _kernels():
         # b0 = B[2c:2c+2, g], b1 = B[2c+8:2c+10, g]; c0, c1 = C[g, 2c], C[g, 2c+1]; c2, c3 = C[g+8, 2c], C[g+8, 2c+1].
         # Without PTX (the interpreter) the same product from the lanes' registers with tl ops.
         if ASM:
-            if BF16:
-                d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
-                    "{$8, $9}, {$10, $11, $12, $13};",
-                    "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-            else:
-                d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
-                    "{$8, $9}, {$10, $11, $12, $13};",
-                    "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if BF16 else "f16.f16") + ".f32 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
         else:
             d0, d1 = mma_rows(a0, a2, b0, b1, BF16)
             d2, d3 = mma_rows(a1, a3, b0, b1, BF16)
