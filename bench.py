@@ -722,20 +722,33 @@ def print_row(row, as_json):
     print(flush=True)
 
 
+def at_least(low: int):
+    """argparse type: an integer >= low (a count of rows, tokens or repeats), else a usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     d = sub.add_parser("decode", help="batch decode speed vs copy bandwidth and transformers")
     d.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random weights in a real shape")
     d.add_argument("--model", default=None, help="anything generate.py loads (default: the embedded SmolLM2)")
-    d.add_argument("--batch-size", type=int, default=1)
-    d.add_argument("--prompt-len", type=int, default=128)
-    d.add_argument("--new-tokens", type=int, default=256)
+    d.add_argument("--batch-size", type=at_least(1), default=1)
+    d.add_argument("--prompt-len", type=at_least(1), default=128)
+    d.add_argument("--new-tokens", type=at_least(1), default=256)
     d.add_argument("--device", default="auto")
     d.add_argument("--dtype", default="auto")
     d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled decode (default: on for cuda, off for cpu)")
-    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--repeats", type=at_least(1), default=3)
     d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
     d.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None, help="weight-only quantization")
     d.add_argument("--group-size", type=int, default=None, help="int4 group size")
@@ -747,17 +760,17 @@ def main(argv=None):
     s.add_argument("--model", default=None, help="target (default: the embedded SmolLM2)")
     s.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="target with random weights in a real shape, random prompt (measures round cost)")
-    s.add_argument("--prompt-len", type=int, default=128, help="with --preset")
+    s.add_argument("--prompt-len", type=at_least(1), default=128, help="with --preset")
     s.add_argument("--drafter", choices=["prompt-lookup", "self", "self-int4", "draft"], default="prompt-lookup",
                    help="self: a layer-skipping view of the target; self-int4: an int4 copy of the target")
     s.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model for --drafter draft: a path or repo id, or a preset name (random weights)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled steps + CUDA graphs (default: on for CUDA)")
-    s.add_argument("-k", type=int, default=8, help="draft tokens per round to start from")
+    s.add_argument("-k", type=at_least(1), default=8, help="draft tokens per round to start from")
     s.add_argument("--fixed-k", action="store_true", help="no adaptive k")
-    s.add_argument("--new-tokens", type=int, default=400)
-    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--new-tokens", type=at_least(1), default=400)
+    s.add_argument("--repeats", type=at_least(1), default=2)
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--no-ref", action="store_true", help="skip transformers' prompt-lookup decoding")
@@ -767,7 +780,7 @@ def main(argv=None):
     f.add_argument("--prompt-lens", default="128,1024,4096,32768")
     f.add_argument("--device", default="auto")
     f.add_argument("--dtype", default="auto")
-    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--repeats", type=at_least(1), default=3)
     f.add_argument("--json", action="store_true")
     for cmd, helptext in (("throughput", "continuous batching: offline throughput vs transformers' generate_batch"),
                           ("serve", "continuous batching: Poisson arrivals, latency percentiles and goodput"),
@@ -779,16 +792,16 @@ def main(argv=None):
         c.add_argument("--dtype", default="auto")
         c.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="compiled decode steps, CUDA graphs per batch bucket (default: on for cuda)")
-        c.add_argument("--kv-tokens", type=int, default=None, help="KV pool size in tokens (default: from GPU memory)")
+        c.add_argument("--kv-tokens", type=at_least(1), default=None, help="KV pool size in tokens (default: from GPU memory)")
         c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        c.add_argument("--block-size", type=int, default=64)
-        c.add_argument("--max-batch", type=int, default=None)
-        c.add_argument("--max-tokens-per-step", type=int, default=None)
+        c.add_argument("--block-size", type=at_least(1), default=64)
+        c.add_argument("--max-batch", type=at_least(1), default=None)
+        c.add_argument("--max-tokens-per-step", type=at_least(1), default=None)
         c.add_argument("--no-overlap", action="store_true", help="read each decode step back before queuing the next")
-        c.add_argument("--num-requests", type=int, default={"throughput": 256, "serve": 200, "prefix": 16}[cmd])
-        c.add_argument("--min-prompt", type=int, default=64)
-        c.add_argument("--max-prompt", type=int, default=512)
-        c.add_argument("--output-len", type=int, default={"throughput": 256, "serve": 128, "prefix": 16}[cmd])
+        c.add_argument("--num-requests", type=at_least(1), default={"throughput": 256, "serve": 200, "prefix": 16}[cmd])
+        c.add_argument("--min-prompt", type=at_least(1), default=64)
+        c.add_argument("--max-prompt", type=at_least(1), default=512)
+        c.add_argument("--output-len", type=at_least(1), default={"throughput": 256, "serve": 128, "prefix": 16}[cmd])
         c.add_argument("--json", action="store_true")
         if cmd == "throughput":
             c.add_argument("--no-ref", action="store_true", help="skip transformers' generate_batch")
@@ -797,13 +810,13 @@ def main(argv=None):
             c.add_argument("--ttft-slo", type=float, default=1.0, help="TTFT objective for goodput (s)")
             c.add_argument("--tbt-slo", type=float, default=0.05, help="mean time-between-tokens objective (s)")
         if cmd == "prefix":
-            c.add_argument("--prefix-len", type=int, default=1000)
-            c.add_argument("--suffix-len", type=int, default=32)
+            c.add_argument("--prefix-len", type=at_least(1), default=1000)
+            c.add_argument("--suffix-len", type=at_least(0), default=32)
     v = sub.add_parser("gemv", help="decode GEMV kernels (cuBLAS, gemv.py, tinygemm) on llama-3-8b shapes (CUDA)")
     v.add_argument("--batch-sizes", default="1,8", help="rows of x (M) to time")
     v.add_argument("--shapes", default=",".join(GEMV_SHAPES), help="subset of qkv,o,gate_up,down,lm_head")
     v.add_argument("--group-size", type=int, default=128, help="int4 group size")
-    v.add_argument("--min-mb", type=int, default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
+    v.add_argument("--min-mb", type=at_least(1), default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
     v.add_argument("--all-configs", action="store_true",
                    help="also time every candidate config of the bf16 and int8 kernels (slow: compiles them all)")
     v.add_argument("--json", action="store_true")

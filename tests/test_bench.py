@@ -1,6 +1,8 @@
 """bench.py runs on CPU and prints every key of its JSON (timings themselves are never asserted)."""
 import json
 
+import pytest
+
 import bench
 
 DECODE_KEYS = {"tok_per_s", "gb_per_s", "copy_gb_per_s", "bw_fraction", "ttft_s", "prefill_tok_per_s", "compile_s",
@@ -23,3 +25,18 @@ def test_prefill_prints_a_row_per_length(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["prompt_len"] for r in rows] == [8, 16]
     assert all(r["ttft_s"] > 0 and "matmul_peak_tflop_per_s" in r for r in rows)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["decode", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["decode", "--repeats", "x"], "argument --repeats: expected an integer, got 'x'"),
+    (["speculative", "-k", "0"], "argument -k: must be >= 1, got 0"),
+    (["throughput", "--num-requests", "-3"], "argument --num-requests: must be >= 1, got -3"),
+])
+def test_bad_counts_are_usage_errors(capsys, argv, message):
+    # counts of rows, tokens and repeats are checked as arguments: a usage error naming the flag, not a
+    # traceback from deep inside a run (a batch of 0 failed in min() before)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
