@@ -196,6 +196,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._loop: threading.Thread | None = None
         self.loop_errors: list[str] = []
+        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+            raise ValueError(f"--max-seq-len {max_seq_len}: must be a positive integer")  # 0 read as "the default"
         bad = sorted({f"{p.dtype} on {p.device}" for p in model.parameters()
                       if p.dtype != dtype or p.device.type != torch.device(device).type})
         if bad:  # else the first step fails deep inside (a cache of one dtype, keys of another)

@@ -103,6 +103,12 @@ def test_prompt_longer_than_context_is_rejected(engine):
     assert len(r.token_ids) == 4 and r.finish_reason == "length"
 
 
+def test_context_length_must_be_positive(engine):
+    from scheduler import Engine
+    with pytest.raises(ValueError, match="--max-seq-len 0: must be a positive integer"):
+        Engine(engine.model, engine.tokenizer, engine.device, engine.dtype, max_seq_len=0)
+
+
 def test_model_in_another_dtype_is_rejected(engine):
     # Engine(model, ...) takes the model as it is: one in another dtype than the engine's gets a clear error
     # at construction, not an index_put failure inside the first step
