@@ -54,7 +54,10 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, config: dict) -> "ModelArgs":
         """Reads a Hugging Face config.json dict (model_type llama, mistral, qwen2)."""
-        model_type = config.get("model_type", "?")
+        # model_type, or for a config without one its architectures entry (e.g. "LlamaForCausalLM")
+        arch = (config.get("architectures") or ["?"])[0]
+        model_type = config.get("model_type") or {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                                                  "Qwen2ForCausalLM": "qwen2"}.get(arch, arch)
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"unsupported architecture '{model_type}' (supported: llama, mistral, qwen2)")
         # transformers 5 nests rope_theta inside rope_parameters; older configs use rope_theta + rope_scaling

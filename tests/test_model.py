@@ -110,5 +110,13 @@ def test_batch_of_different_lengths_equals_each_alone(name):
 def test_config_errors():
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         ModelArgs.from_hf({"model_type": "gpt2"})
+    # a config without model_type is read by its architectures entry
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        ModelArgs.from_hf({"architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="unsupported architecture '[?]'"):
+        ModelArgs.from_hf({})
+    args = ModelArgs.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+                              "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 128})
+    assert args.arch == "llama" and args.n_kv_heads == 4
     with pytest.raises(ValueError, match="rope scaling 'longrope'"):
         ModelArgs(rope_scaling={"rope_type": "longrope", "factor": 2.0})
