@@ -87,8 +87,8 @@ kernel that only reads the same bytes) is 0.93/0.85/1.05/1.02 for the int8 bytes
 the int4 ones: int4 is bound by instructions and loads in flight, the small int8 shapes by a program's serial
 round trips to memory.
 
-Candidates: M = 1 the fma configs (and one dot), 2..4 rows both (int8 and int4: and mma), 5..8 dot (and
-mma), 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against "dequant": dequantize to
+Candidates: M = 1 the fma configs (and one dot), 2..4 rows both and the mma kernels (int8_mma, int4_mma,
+bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against "dequant": dequantize to
 bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64 (prefill, compute-bound)
 gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes. Without Triton (or on
 CPU without the interpreter) the ops compute the same thing with torch. The first call for a (shape, row
