@@ -816,7 +816,7 @@ def main(argv=None):
     v.add_argument("--batch-sizes", default="1,8", help="rows of x (M) to time")
     v.add_argument("--shapes", default=",".join(GEMV_SHAPES), help="subset of qkv,o,gate_up,down,lm_head")
     v.add_argument("--group-size", type=int, default=128, help="int4 group size")
-    v.add_argument("--min-mb", type=at_least(1), default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
+    v.add_argument("--min-mb", type=at_least(0), default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
     v.add_argument("--all-configs", action="store_true",
                    help="also time every candidate config of the bf16 and int8 kernels (slow: compiles them all)")
     v.add_argument("--json", action="store_true")

@@ -32,6 +32,7 @@ def test_prefill_prints_a_row_per_length(capsys):
     (["decode", "--repeats", "x"], "argument --repeats: expected an integer, got 'x'"),
     (["speculative", "-k", "0"], "argument -k: must be >= 1, got 0"),
     (["throughput", "--num-requests", "-3"], "argument --num-requests: must be >= 1, got -3"),
+    (["gemv", "--min-mb", "-1"], "argument --min-mb: must be >= 0, got -1"),  # 0: no minimum (the tests' tiny shapes)
 ])
 def test_bad_counts_are_usage_errors(capsys, argv, message):
     # counts of rows, tokens and repeats are checked as arguments: a usage error naming the flag, not a
