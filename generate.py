@@ -182,7 +182,7 @@ def run(args):
             results = engine.generate(prompts, params, chat=chat, on_text=on_text, batching=batching)
         else:
             from speculative import speculative_generate
-            k = args.speculate_k or (8 if args.prompt_lookup else 4)
+            k = args.speculate_k if args.speculate_k is not None else 8 if args.prompt_lookup else 4  # 0: an error
             results, stats = speculative_generate(engine, prompts, params, drafter, k=k, chat=chat, on_text=on_text)
     if single:
         sys.stdout.write("\n")

@@ -69,6 +69,7 @@ def test_memory_report_and_profile(capsys, tmp_path, smollm2_path):
     (["--device", "tpu"], "unknown --device 'tpu' (choose from auto, cpu, cuda, cuda:N)"),
     (["--device", "mps"], "unknown --device 'mps'"),  # torch knows it, flint does not run there
     (["--max-seq-len", "0"], "--max-seq-len 0: must be a positive integer"),
+    (["--prompt-lookup", "--speculate-k", "0"], "speculate k=0 is invalid"),  # 0 silently meant the default
     (["--device", "cuda:7"], None),  # CUDA missing here; on a GPU machine, a missing device
 ])
 def test_bad_input_is_one_line_error(capsys, argv, message):
