@@ -614,12 +614,13 @@ def load_quantized(path: str, device="cpu", dtype=torch.float32, progress=False)
     dtype; int4 weights are packed for device's kernel."""
     from safetensors import safe_open
 
+    from weights import read_json
+
     device = torch.device(device)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json (not a quantized checkpoint directory)")
-    with open(config_file) as f:
-        config = json.load(f)
+    config = read_json(config_file)
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "flint":
         raise ValueError(f"{config_file}: no flint quantization_config (quant_method is {qc.get('quant_method')!r})")
@@ -862,8 +863,7 @@ def main(argv=None):
         quantize_model(model, a.mode, a.group_size, calib, head=a.head, act_order=a.act_order, pad=a.pad, progress=True)
         config = None
         if info["kind"] == "hf_dir":
-            with open(os.path.join(info["path"], "config.json")) as f:
-                config = json.load(f)
+            config = weights.read_json(os.path.join(info["path"], "config.json"))
         save_quantized(model, a.out, config)
         _save_tokenizer(info, a.out)
         print(f"wrote {a.out} ({model_bytes(model) / 1e6:.1f} MB of weights, {time.perf_counter() - t0:.0f} s)",

@@ -16,7 +16,6 @@ what it would get alone. Rows that finish early keep their slot until the whole 
 Continuous batching (Scheduler, over kv.PagedKVCache): requests join and leave at every step; see
 Engine.submit / step / cancel / start / stream_async and generate(..., batching="continuous").
 """
-import json
 import math
 import os
 import threading
@@ -31,7 +30,7 @@ from kv import NoFreeBlocks, PagedKVCache, StaticKVCache
 from quantize import load_quantized, model_bytes, quantize_model, quantized_from_gguf
 from sampling import SamplingParams, find_stop, make_generator, sample, sample_each, stop_holdback
 from tokenizer import StreamDecoder, load_tokenizer
-from weights import default_model_path, load_model
+from weights import default_model_path, load_model, read_json
 
 
 @dataclass
@@ -115,8 +114,7 @@ def is_quantized_dir(source) -> bool:
     config = os.path.join(os.fspath(source), "config.json")
     if not os.path.isfile(config):
         return False
-    with open(config) as f:
-        return (json.load(f).get("quantization_config") or {}).get("quant_method") == "flint"
+    return (read_json(config).get("quantization_config") or {}).get("quant_method") == "flint"
 
 
 def peak_memory_bytes(device: torch.device) -> int:

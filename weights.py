@@ -95,11 +95,21 @@ def _hf_name(key: str) -> str | None:
     return key.removeprefix("model.")
 
 
+def read_json(path: str) -> dict:
+    """A JSON file (config.json, a shard index): one that is not valid JSON is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map (a shard index maps tensor names to files)")
         files = [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not os.path.isfile(file):
@@ -122,12 +132,9 @@ def load_hf_dir(path: str, device="cpu", dtype=torch.float32, progress=True) -> 
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
+    config = read_json(config_file)
     try:
-        with open(config_file) as f:
-            config = json.load(f)
         args = ModelArgs.from_hf(config)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
     except KeyError as e:
         raise ValueError(f"{config_file}: missing field {e}") from None
     except ValueError as e:  # e.g. an unsupported model_type

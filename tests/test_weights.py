@@ -158,6 +158,23 @@ def test_hf_dir_bad_config(tmp_path):
     open(os.path.join(path, "config.json"), "w").write("{not json")
     with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
         weights.load_model(path, progress=False)
+    import scheduler  # Engine.load asks first whether the directory is a quantized checkpoint
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        scheduler.is_quantized_dir(path)
+
+
+def test_hf_dir_bad_shard_index(tmp_path):
+    path = save_tensors_dir(tmp_path, tiny_hf())
+    index = os.path.join(path, "model.safetensors.index.json")
+    open(index, "w").write("{not json")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not valid JSON"):
+        weights.load_model(path, progress=False)
+    json.dump({"metadata": {}}, open(index, "w"))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: no weight_map"):
+        weights.load_model(path, progress=False)
+    json.dump({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}, open(index, "w"))
+    with pytest.raises(FileNotFoundError, match=r"lists shard 'model-00001-of-00002.safetensors' which does not exist"):
+        weights.load_model(path, progress=False)
 
 
 def test_missing_paths(tmp_path):
