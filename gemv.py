@@ -88,13 +88,12 @@ the int4 ones: int4 is bound by instructions and loads in flight, the small int8
 round trips to memory.
 
 Candidates: M = 1 the fma configs (and one dot), 2..4 rows both and the mma kernels (int8_mma, int4_mma,
-bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against "dequant": dequantize to
-bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64 (prefill, compute-bound)
-gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes. Without Triton (or on
-CPU without the interpreter) the ops compute the same thing with torch. The first call for a (shape, row
-bucket) times the candidates on the GPU in a CUDA graph of back-to-back calls over weight copies larger than
-L2, as a decode step runs them (a few seconds
-per model at warm-up, compiles included; FLINT_GEMV_TUNE=bench times one call at a time with do_bench
+bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against
+"dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64
+(prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
+Without Triton (or on CPU without the interpreter) the ops compute the same thing with torch. The first call
+for a (shape, row bucket) times the candidates on the GPU in a CUDA graph of back-to-back calls over weight
+copies larger than L2, as a decode step runs them (a few seconds per model at warm-up, compiles included; FLINT_GEMV_TUNE=bench times one call at a time with do_bench
 instead, FLINT_GEMV_TUNE=0 takes the first candidate untimed, FLINT_GEMV_PICKS pins configs per shape).
 tuning_log() tells what was chosen and measured. FLINT_GEMV_MMA=0 leaves the mma kernels out.
 """
@@ -1072,13 +1071,14 @@ def _kernels():
         mma_store(out, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
 
     @triton.jit
-    def bf16_mma_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    def bf16_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_N: tl.constexpr, WPL: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
         # int8_mma's tiles and steps with bf16 W fed to the mma as loaded: w bf16 [N, K] and x bf16 [M, K], both
         # read as int32 words of two ([N, K/2], [M, K/2]). Lane (g, c) loads WPL consecutive words of rows g
         # and g + 8 of each tile (16 bytes at a time) and the same words of x's row g; two words of each
-        # (four columns) are one mma's k-slots 2c, 2c + 1, 2c + 8, 2c + 9. No conversion, no correction.
+        # (four columns) are one mma's k-slots 2c, 2c + 1, 2c + 8, 2c + 9. No conversion, no correction; s_ptr
+        # is None (no scales: int8_mma's signature, one launch for both).
         T: tl.constexpr = BLOCK_N // 16
         Q: tl.constexpr = WPL // 4                                                 # 16-byte loads a row a step
         STEP: tl.constexpr = 8 * WPL                                               # columns a step
@@ -1123,7 +1123,7 @@ def _kernels():
                 ws = ws_next
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        mma_store(acc, rows, 2 * c, y_ptr, None, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+        mma_store(acc, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
 
     @triton.jit
     def int4_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
@@ -1162,9 +1162,7 @@ def _kernels():
             szs = szs + (tl.load(sz_rows[i] + g_first),)                          # [32]
         if PDL:
             tl.extra.cuda.gdc_wait()
-        y = ()
-        for i in tl.static_range(4 * T):
-            y = y + (tl.zeros((32,), tl.float32),)
+        y = mma_zeros(4 * T)
         k1032 = tl.full((32,), 0x64086408, tl.int32)                               # fp16 (1032, 1032)
         k72 = tl.full((32,), 0x54805480, tl.int32)                                 # fp16 (72, 72)
         one = tl.full((32,), 0x3C003C00, tl.int32)                                 # fp16 (1, 1)
@@ -1179,9 +1177,7 @@ def _kernels():
             if AHEAD == 0:
                 ws = ws_next
                 szs = szs_next
-            cs = ()
-            for i in tl.static_range(4 * T):
-                cs = cs + (zero,)
+            cs = mma_zeros(4 * T)
             cor0, cor1, xs0, xs1 = zero, zero, zero, zero
             words = ()
             for i in tl.static_range(2 * T):
@@ -1538,19 +1534,12 @@ def _run_dense(x2, w, scales, cfg):
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
                   **_pdl_args(x2.device))
     s = scales if quant else w  # an unused pointer for bf16
-    if kernel == "bf16_mma":  # W and x as words of two bf16; a step of BLOCK_K columns = 8 * WPL
-        words, xs = w.view(torch.int32), x2.view(torch.int32)
-        common["WPL"] = block_k // 8
+    if kernel in ("int8_mma", "bf16_mma"):  # W and x as int32 words; a step of BLOCK_K columns = WPL words a lane
+        words, xs = w.view(torch.int32), x2.view(torch.int32)  # times 16 (four int8 codes a word) or 8 (two bf16)
+        common["WPL"] = block_k // (16 if quant else 8)
         del common["BLOCK_K"]
         _kernels()[kernel][(grid[0], split)](
-            xs, words, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
-            ASM=not _interpret(), num_stages=1, **common)
-    elif kernel == "int8_mma":  # W as words, x as bf16 pairs; a step of BLOCK_K columns = 16 * WPL
-        words, xs = w.view(torch.int32), x2.view(torch.int32)
-        common["WPL"] = block_k // 16
-        del common["BLOCK_K"]
-        _kernels()[kernel][(grid[0], split)](
-            xs, words, s, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
+            xs, words, scales, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
             ASM=not _interpret(), num_stages=1, **common)
     elif kernel in ("int8_fma", "int8_h2"):
         words = w.view(torch.int32)  # [N, K / 4]

@@ -201,8 +201,9 @@ class Engine:
         self.loop_errors: list[str] = []
         if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
             raise ValueError(f"--max-seq-len {max_seq_len}: must be a positive integer")  # 0 read as "the default"
+        device_type = torch.device(device).type
         bad = sorted({f"{p.dtype} on {p.device}" for p in model.parameters()
-                      if p.dtype != dtype or p.device.type != torch.device(device).type})
+                      if p.dtype != dtype or p.device.type != device_type})
         if bad:  # else the first step fails deep inside (a cache of one dtype, keys of another)
             raise ValueError(f"Engine runs {dtype} on {device}, but the model's parameters are {', '.join(bad)}: "
                              f"move it first (model.to(device, dtype)) or use Engine.load")
