@@ -75,6 +75,15 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          against the low and high nibbles (two dots, no interleave), bf16 128 + q as the weights.
 Rows of W past N are clamped to N - 1 (loads stay in bounds, the store is masked), so N need not divide by
 BLOCK_N; K need not divide by BLOCK_K (masked tail; int4 needs K % G == 0, as Int4Linear pads).
+
+SwiGLU in the epilogue (glu=True, model.FeedForward's gate_up_proj, W = [gate; up] [2F, K]): the ops return
+SiLU(gate) * up [M, F] instead of [M, 2F], so a decode step runs no separate SwiGLU kernel. The fma, h2 and
+mma kernels give each program gate rows j0.. and the up rows F + j0.. of the same outputs (mma: rows g and
+g + 8 of a tile), add up their sums as usual and pair them as they store; dot and dequant run silu_mul's
+kernel after. The tuner also times every kernel as "kernel+silu" (plain, then silu_mul): on the H200 at one
+row the int8_h2 gate_up with the epilogue costs 0.2 us more than without, the bf16 fma one 2.7 us more (the
+separate kernel ~1.4 us), so bf16 keeps the separate kernel and int8 fuses (decode: SmolLM2 preset +5.9%,
+llama-3-8b int8 +1.3%, bf16 +0.1%; BENCHMARKS.md). FLINT_GEMV_GLU=0: model.py's own SiLU(gate) * up.
 Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner loop, pointers and strides
 16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.9-5.3 (int8 fma),
 ~4.0-4.5 (fma_prmt), ~3.9-4.7 (int8_fma) and ~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite)
@@ -125,6 +134,12 @@ def enabled() -> bool:
     return os.environ.get("FLINT_GEMV", "1") != "0"
 
 
+def glu_enabled() -> bool:
+    """Whether the linears offer SwiGLU in their epilogue (fuses_glu); FLINT_GEMV_GLU=0: model.py's separate
+    SiLU(gate) * up instead."""
+    return os.environ.get("FLINT_GEMV_GLU", "1") != "0"
+
+
 def available(x) -> bool:
     """Whether the Triton kernels run on the device of x (a tensor or a device): CUDA (or any device under
     the interpreter, for tests) and triton imports."""
@@ -142,8 +157,28 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def silu_up(g, u, ty):
+        # SwiGLU's SiLU(gate) * up from fp32 sums, as the unfused path computes it: gate and up rounded to the
+        # output dtype first (they were stored), the product in fp32, rounded once
+        g = g.to(ty).to(tl.float32)
+        return (g * tl.sigmoid(g) * u.to(ty).to(tl.float32)).to(ty)
+
+    @triton.jit
+    def store_rows(y, y_ptr, m, N, rn, stride_ym, GLU: tl.constexpr):
+        # y [BN] fp32, final sums of rows rn of W for row m of x, stored as y's dtype; with GLU the block's first
+        # half are gate rows j and its second half their up rows (row_block), and SiLU(gate) * up goes to column
+        # j of y [M, N / 2]
+        ty = y_ptr.dtype.element_ty
+        if GLU:
+            g, u = tl.split(tl.permute(tl.reshape(y, (2, y.shape[0] // 2)), (1, 0)))       # [BN / 2] each
+            j, _ = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))     # gate rows = columns
+            tl.store(y_ptr + m * stride_ym + j, silu_up(g, u, ty), mask=j < N // 2)
+        else:
+            tl.store(y_ptr + m * stride_ym + rn, y.to(ty), mask=rn < N)
+
+    @triton.jit
     def store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, split, m, M, N, rn, rn_in, stride_ym,
-                        SPLIT: tl.constexpr, SCALE: tl.constexpr):
+                        SPLIT: tl.constexpr, SCALE: tl.constexpr, GLU: tl.constexpr):
         # y [BN] fp32: this program's sums for rows rn of W and row m of x, over its share of K. Without
         # a split: (* scale) and store. With one: the partial sums go to the workspace; the last of the
         # SPLIT programs of this (block, m) to finish adds them up, stores y and sets the counter back
@@ -151,7 +186,7 @@ def _kernels():
         if SPLIT == 1:
             if SCALE:
                 y *= tl.load(s_ptr + rn_in).to(tl.float32)
-            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+            store_rows(y, y_ptr, m, N, rn, stride_ym, GLU)
         else:
             tl.store(part_ptr + (split * M + m) * N + rn, y, mask=rn < N)
             tl.debug_barrier()  # every thread's store before the counter moves
@@ -162,7 +197,7 @@ def _kernels():
                     total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
                 if SCALE:
                     total *= tl.load(s_ptr + rn_in).to(tl.float32)
-                tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=rn < N)
+                store_rows(total, y_ptr, m, N, rn, stride_ym, GLU)
                 tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
@@ -186,10 +221,19 @@ def _kernels():
         return g_lo, tl.minimum(g_lo + per, n_groups)
 
     @triton.jit
-    def row_block(M, N, BLOCK_N: tl.constexpr):
+    def row_block(M, N, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
         # a program of the fma and h2 kernels (one per block of BLOCK_N rows of W and row of x, rows of x
-        # fastest): its row m of x, its rows rn of W, and rn clamped into W (loads stay in bounds, stores mask)
+        # fastest): its row m of x, its rows rn of W, and rn clamped into W (loads stay in bounds, stores mask).
+        # GLU (W = [gate; up], N = 2F): the block's rows are gate rows j0 .. j0 + BN/2 - 1, then up rows F + j0 ..,
+        # so a program holds both halves of its BN / 2 outputs (halves, not interleaved pairs: on the H200 the
+        # interleaved rows read W ~5% slower); rn is N (masked) past the last output
         pid = tl.program_id(0)
+        if GLU:
+            r = tl.arange(0, BLOCK_N)
+            half = N // 2
+            j = (pid // M) * (BLOCK_N // 2) + r % (BLOCK_N // 2)                  # [BN]
+            up = (r // (BLOCK_N // 2)) * half
+            return pid % M, tl.where(j < half, up + j, N), up + tl.minimum(j, half - 1)
         rn = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)                      # [BN]
         return pid % M, rn, tl.minimum(rn, N - 1)
 
@@ -393,9 +437,9 @@ def _kernels():
     # Triton's interpreter finds a kernel's helpers only among the module's globals (the compiler also
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
-    globals().update(store_row_block=store_row_block, k_range=k_range, group_range=group_range, row_block=row_block,
-                     word_tile_at=word_tile_at, int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile,
-                     int4_group_tile=int4_group_tile,
+    globals().update(silu_up=silu_up, store_rows=store_rows, store_row_block=store_row_block, k_range=k_range,
+                     group_range=group_range, row_block=row_block, word_tile_at=word_tile_at,
+                     int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
                      int8_to_f32=int8_to_f32, unstack4=unstack4, unstack=unstack, f16_bits=f16_bits,
                      x_f16_pairs=x_f16_pairs, int8_f16_pairs=int8_f16_pairs, half_pairs_f32=half_pairs_f32, mma_rows=mma_rows,
                      mma_16816=mma_16816, int4_f16_pairs=int4_f16_pairs,
@@ -406,11 +450,11 @@ def _kernels():
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                    STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
-                   PEEL: tl.constexpr, PDL: tl.constexpr):
+                   PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
         # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1); int8 made fp32 by int8_to_f32.
         pid = tl.program_id(0)
-        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
         rk = tl.arange(0, BLOCK_K)                                             # [BK]
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]          # [BN, BK]
         # x as a [BN, BK] tile whose rows are all x[m]: it gets w's register layout, so no shuffles; the
@@ -473,7 +517,7 @@ def _kernels():
         if PDL:  # the next kernel may launch now and wait for this one's end in its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
-                        rn, rn_in, stride_ym, SPLIT, QUANT)
+                        rn, rn_in, stride_ym, SPLIT, QUANT, GLU)
 
     @triton.jit
     def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -534,14 +578,15 @@ def _kernels():
     @triton.jit
     def int8_fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
+                        GLU: tl.constexpr = False):
         # w: int8 [N, K] read as int32 words [N, K/4] (code 4c + j in byte j), one row m of x per program,
         # tiles of [BN, BK/4] words loaded AHEAD tiles before their math (0: none). A word's four bytes,
         # XORed with 0x80 (q + 128 >= 0), each become the fp32 2^23 + 128 + q with one byte permute (PTX prmt
         # when ASM; the same with shifts and masks otherwise), minus 2^23 + 128 in one FADD.
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
-        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
         w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
         x_off, xk_pos = int8_x_tile(C, 4, EVEN_K)                                # [C, 4]: x of word c, byte j
         x_row = x_ptr + m * stride_xm
@@ -587,12 +632,13 @@ def _kernels():
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
-                        rn, rn_in, stride_ym, SPLIT, True)
+                        rn, rn_in, stride_ym, SPLIT, True, GLU)
 
     @triton.jit
     def int8_h2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                       AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                       AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
+                       GLU: tl.constexpr = False):
         # int8_fma's tiles and prefetch, with the products in packed half precision: x is read as int32 words
         # of two bf16 ([M, K/2]) and made fp16 pairs (x[4c], x[4c+1]), (x[4c+2], x[4c+3]); a weight word's
         # four codes, XORed with 0x80, become two fp16 pairs 1024 + 128 + q by two byte permutes under the
@@ -603,7 +649,7 @@ def _kernels():
         # K stay short (a few dozen products).
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
-        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
         w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
         x_off, xk_pos = int8_x_tile(C, 2, EVEN_K)                                # [C, 2]: x word 2c + i (bf16 pairs)
         x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
@@ -656,12 +702,12 @@ def _kernels():
         else:
             y = tl.sum(acc, axis=1)
         store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N, rn, rn_in, stride_ym,
-                        SPLIT, True)
+                        SPLIT, True, GLU)
 
     @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                        AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
         # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
         # Program (block of BN rows of W, row m of x) x split s: groups s*per .. (s+1)*per - 1, one group a
         # step (words [BN, W], W = G/8: a thread holds a few rows of the same words, so each x it loads
@@ -670,7 +716,7 @@ def _kernels():
         W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
         rw = tl.arange(0, W)
         x_row = x_ptr + m * stride_xm
         # the first groups' words and scales load while the previous kernel (which writes x) still runs; each
@@ -738,12 +784,13 @@ def _kernels():
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1) + zacc, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in,
-                        stride_ym, SPLIT, False)
+                        stride_ym, SPLIT, False, GLU)
 
     @triton.jit
     def int4_h2_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                        stride_ym, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                       AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                       AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
+                       GLU: tl.constexpr = False):
         # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
         # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
         # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
@@ -753,7 +800,7 @@ def _kernels():
         W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        m, rn, rn_in = row_block(M, N, BLOCK_N)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
         x_off = 4 * tl.arange(0, W)[:, None] + tl.arange(0, 4)[None, :]          # [W, 4]: x word 4w + i
         x_row = x_ptr + m * stride_xm                                             # x as int32 words
         p_off, sz_row, g_lo, g_hi, tile0, row0, words, sz = int4_group_tile(
@@ -818,7 +865,7 @@ def _kernels():
             y = tl.sum(lo + hi, axis=1) + zacc
         else:
             y = tl.sum(acc, axis=1) + zacc
-        store_row_block(y, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in, stride_ym, SPLIT, False)
+        store_row_block(y, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in, stride_ym, SPLIT, False, GLU)
 
     @triton.jit
     def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
@@ -852,6 +899,18 @@ def _kernels():
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
     @triton.jit
+    def glu_kernel(y_ptr, out_ptr, HALF, stride_ym, stride_om, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # out[m, j] = SiLU(y[m, j]) * y[m, HALF + j]: SwiGLU behind a matmul without the GLU epilogue (dot, cuBLAS)
+        m = tl.program_id(1)
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        if PDL:  # after the matmul: let the next kernel (down_proj) launch and read its first W tiles meanwhile
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        g = tl.load(y_ptr + m * stride_ym + j, mask=j < HALF, other=0.0).to(tl.float32)
+        u = tl.load(y_ptr + m * stride_ym + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + j, silu_up(g, u, out_ptr.dtype.element_ty), mask=j < HALF)
+
+    @triton.jit
     def int4_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
         # w bf16 [N, K] = (q - 8) * scale + zero, for prefill; p uint8 [N, K/2], sz bf16 [N, K/G, 2]
@@ -866,9 +925,10 @@ def _kernels():
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(tl.bfloat16), mask=mask)
 
     @triton.jit
-    def mma_final(v0, v1, v2, v3, m0, n_a, n_b, na_in, nb_in, y_ptr, s_ptr, M, N, stride_ym):
+    def mma_final(v0, v1, v2, v3, m0, n_a, n_b, na_in, nb_in, y_ptr, s_ptr, M, N, stride_ym, GLU: tl.constexpr):
         # one tile of the mma kernels' sums, [32] each: v0 / v1 = rows n_a of W by rows m0 / m0 + 1 of x, v2 / v3
-        # = rows n_b; times the row's scale (none: int4, scaled per group), stored as bf16
+        # = rows n_b; times the row's scale (none: int4, scaled per group), stored as bf16. GLU: n_a is gate row
+        # j and n_b up row N / 2 + j (mma_tiles), so column j of y [M, N / 2] gets SiLU(gate) * up
         m1 = m0 + 1
         if s_ptr is None:
             s_a, s_b = 1.0, 1.0
@@ -876,10 +936,14 @@ def _kernels():
             s_a = tl.load(s_ptr + na_in).to(tl.float32)
             s_b = tl.load(s_ptr + nb_in).to(tl.float32)
         ty = y_ptr.dtype.element_ty
-        tl.store(y_ptr + m0 * stride_ym + n_a, (v0 * s_a).to(ty), mask=(m0 < M) & (n_a < N))
-        tl.store(y_ptr + m1 * stride_ym + n_a, (v1 * s_a).to(ty), mask=(m1 < M) & (n_a < N))
-        tl.store(y_ptr + m0 * stride_ym + n_b, (v2 * s_b).to(ty), mask=(m0 < M) & (n_b < N))
-        tl.store(y_ptr + m1 * stride_ym + n_b, (v3 * s_b).to(ty), mask=(m1 < M) & (n_b < N))
+        if GLU:
+            tl.store(y_ptr + m0 * stride_ym + n_a, silu_up(v0 * s_a, v2 * s_b, ty), mask=(m0 < M) & (n_a < N // 2))
+            tl.store(y_ptr + m1 * stride_ym + n_a, silu_up(v1 * s_a, v3 * s_b, ty), mask=(m1 < M) & (n_a < N // 2))
+        else:
+            tl.store(y_ptr + m0 * stride_ym + n_a, (v0 * s_a).to(ty), mask=(m0 < M) & (n_a < N))
+            tl.store(y_ptr + m1 * stride_ym + n_a, (v1 * s_a).to(ty), mask=(m1 < M) & (n_a < N))
+            tl.store(y_ptr + m0 * stride_ym + n_b, (v2 * s_b).to(ty), mask=(m0 < M) & (n_b < N))
+            tl.store(y_ptr + m1 * stride_ym + n_b, (v3 * s_b).to(ty), mask=(m1 < M) & (n_b < N))
 
     @triton.jit
     def mma_partials(v0, v1, v2, v3, m0, n_a, n_b, part_ptr, split, M, N, LOAD: tl.constexpr):
@@ -953,16 +1017,25 @@ def _kernels():
         return acc
 
     @triton.jit
-    def mma_tiles(pid, g, word, N, stride_wn, BLOCK_N: tl.constexpr, T: tl.constexpr):
+    def mma_tiles(pid, g, word, N, stride_wn, BLOCK_N: tl.constexpr, T: tl.constexpr, GLU: tl.constexpr):
         # the mma kernels' T tiles of 16 rows of W: word offsets 2t, 2t + 1 of rows g and g + 8 of tile t
         # (word: the lane's [32, 4] words of a row), and rows 4t..4t + 3 (n_a = g, n_b = g + 8, both clamped
-        # into W for loads)
+        # into W for loads). GLU (W = [gate; up]): a tile's rows g are gate row j = pid * BLOCK_N / 2 + 8t + g
+        # and its rows g + 8 up row N / 2 + j, so each lane holds both halves of its outputs; n_a, n_b are N
+        # (masked) past the last pair
         w_offs = ()
         rows = ()
         for t in tl.static_range(T):
-            n_a = pid * BLOCK_N + 16 * t + g                                       # [32]
-            n_b = n_a + 8
-            na_in, nb_in = tl.minimum(n_a, N - 1), tl.minimum(n_b, N - 1)
+            if GLU:
+                half = N // 2
+                j = pid * (BLOCK_N // 2) + 8 * t + g                                # [32]
+                n_a, n_b = tl.where(j < half, j, N), tl.where(j < half, half + j, N)
+                na_in = tl.minimum(j, half - 1)
+                nb_in = na_in + half
+            else:
+                n_a = pid * BLOCK_N + 16 * t + g                                   # [32]
+                n_b = n_a + 8
+                na_in, nb_in = tl.minimum(n_a, N - 1), tl.minimum(n_b, N - 1)
             w_offs = w_offs + (na_in[:, None].to(tl.int64) * stride_wn + word,
                                nb_in[:, None].to(tl.int64) * stride_wn + word)
             rows = rows + (n_a, n_b, na_in, nb_in)
@@ -970,14 +1043,14 @@ def _kernels():
 
     @triton.jit
     def mma_store(out, rows, m0, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T: tl.constexpr,
-                  SPLIT: tl.constexpr):
+                  SPLIT: tl.constexpr, GLU: tl.constexpr):
         # the mma kernels' sums out (4 a tile: rows n_a, n_b of W by rows m0, m0 + 1 of x) stored through
         # mma_final, or with a K split through the workspace, the last of the SPLIT programs of this block
         # adding them up (as store_row_block)
         if SPLIT == 1:
             for t in tl.static_range(T):
                 mma_final(out[4 * t], out[4 * t + 1], out[4 * t + 2], out[4 * t + 3], m0, rows[4 * t], rows[4 * t + 1],
-                          rows[4 * t + 2], rows[4 * t + 3], y_ptr, s_ptr, M, N, stride_ym)
+                          rows[4 * t + 2], rows[4 * t + 3], y_ptr, s_ptr, M, N, stride_ym, GLU)
         else:
             for t in tl.static_range(T):
                 mma_partials(out[4 * t], out[4 * t + 1], out[4 * t + 2], out[4 * t + 3], m0, rows[4 * t],
@@ -989,7 +1062,7 @@ def _kernels():
                     v0, v1, v2, v3 = mma_partials(out[4 * t], out[4 * t + 1], out[4 * t + 2], out[4 * t + 3], m0,
                                                   rows[4 * t], rows[4 * t + 1], part_ptr, SPLIT, M, N, True)
                     mma_final(v0, v1, v2, v3, m0, rows[4 * t], rows[4 * t + 1], rows[4 * t + 2], rows[4 * t + 3],
-                              y_ptr, s_ptr, M, N, stride_ym)
+                              y_ptr, s_ptr, M, N, stride_ym, GLU)
                 tl.atomic_xchg(count_ptr + pid, 0)
 
     globals().update(mma_words=mma_words, mma_first_words=mma_first_words, mma_next_words=mma_next_words,
@@ -998,7 +1071,8 @@ def _kernels():
     @triton.jit
     def int8_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_N: tl.constexpr, WPL: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
+                        GLU: tl.constexpr = False):
         # y = x @ (w * s)^T on tensor cores for 1..8 rows of x (B's columns), one warp a program: T = BN / 16
         # tiles of 16 rows of W. w int8 [N, K] as int32 words [N, K/4], x as bf16 pairs [M, K/2]. A step
         # takes 16 * WPL columns: lane (g, c) loads WPL consecutive words (4 WPL codes) of rows g and g + 8 of
@@ -1020,7 +1094,7 @@ def _kernels():
             w_col, x_col = tl.zeros_like(word), tl.zeros_like(pair)
         else:  # a ragged K (K % 4 == 0): masks per word and per x pair, from their first column
             w_col, x_col = 4 * word, 2 * pair
-        w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T)
+        w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T, GLU)
         # [32, 4] words: index (2t + h) * Q + q = tile t, rows g (h = 0) / g + 8 (h = 1), words 4q..4q + 3
         ws, ws2 = mma_first_words(w_ptr, k_lo, k_hi, w_offs, w_col, T, Q, EVEN_K, 4, STEP, AHEAD)
         if PDL:
@@ -1068,12 +1142,13 @@ def _kernels():
         out = ()
         for t in tl.static_range(T):
             out = out + (acc[4 * t] - cor0, acc[4 * t + 1] - cor1, acc[4 * t + 2] - cor0, acc[4 * t + 3] - cor1)
-        mma_store(out, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+        mma_store(out, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT, GLU)
 
     @triton.jit
     def bf16_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_N: tl.constexpr, WPL: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr):
+                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
+                        GLU: tl.constexpr = False):
         # int8_mma's tiles and steps with bf16 W fed to the mma as loaded: w bf16 [N, K] and x bf16 [M, K], both
         # read as int32 words of two ([N, K/2], [M, K/2]). Lane (g, c) loads WPL consecutive words of rows g
         # and g + 8 of each tile (16 bytes at a time) and the same words of x's row g; two words of each
@@ -1093,7 +1168,7 @@ def _kernels():
             w_col = tl.zeros_like(word)
         else:  # a ragged K (K % 2 == 0): masks per word, from its first column
             w_col = 2 * word
-        w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T)
+        w_offs, rows = mma_tiles(pid, g, word, N, stride_wn, BLOCK_N, T, GLU)
         ws, ws2 = mma_first_words(w_ptr, k_lo, k_hi, w_offs, w_col, T, Q, EVEN_K, 2, STEP, AHEAD)
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -1123,13 +1198,13 @@ def _kernels():
                 ws = ws_next
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        mma_store(acc, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+        mma_store(acc, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT, GLU)
 
     @triton.jit
     def int4_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, ONE_ROW: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, GLU: tl.constexpr = False):
         # int4 (words [N, K/8], scale|zero words [N, K/G]) on tensor cores as int8_mma_kernel, one group a
         # step: lane (g, c) loads WPL = G/32 consecutive words of rows g and g + 8 of each tile (one 16-byte
         # load at G = 128) and the x's of their 8 WPL columns. A word pair (rows g, g + 8) is two mmas: codes
@@ -1147,7 +1222,7 @@ def _kernels():
         quad = 4 * WPL * c[:, None] + tl.arange(0, 4)[None, :]                    # [32, 4]: the first word's x pairs
         x_off = tl.minimum(g, M - 1)[:, None] * stride_xm + quad                  # B's column g is x's row g
         g_lo, g_hi = group_range(K, GROUP, SPLIT)
-        w_offs, rows = mma_tiles(pid, g, word, N, stride_pn, BLOCK_N, T)
+        w_offs, rows = mma_tiles(pid, g, word, N, stride_pn, BLOCK_N, T, GLU)
         sz_rows = ()  # the scale pointers of rows g, g + 8 of tile t: 2t, 2t + 1
         for t in tl.static_range(T):
             sz_rows = sz_rows + (sz_ptr + rows[4 * t + 2].to(tl.int64) * stride_szn,
@@ -1216,12 +1291,12 @@ def _kernels():
                 szs = szs_next
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        mma_store(y, rows, 2 * c, y_ptr, None, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT)
+        mma_store(y, rows, 2 * c, y_ptr, None, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT, GLU)
 
     return {"fma": fma_kernel, "dot": dot_kernel, "int8_fma": int8_fma_kernel, "int8_h2": int8_h2_kernel,
             "int8_mma": int8_mma_kernel, "int4_mma": int4_mma_kernel, "bf16_mma": bf16_mma_kernel,
             "int4_fma": int4_fma_kernel, "int4_h2": int4_h2_kernel, "int4_dot": int4_dot_kernel,
-            "int4_dequant": int4_dequant_kernel}
+            "int4_dequant": int4_dequant_kernel, "glu": glu_kernel}
 
 
 # ---------------------------------------------------------------- configs and the first-call tuner
@@ -1289,9 +1364,20 @@ NO_PDL_HANDICAP = 1.15  # see _pick
 DEQUANT = ("dequant", 0, 0, 0, 0)  # not a kernel: dequantize to bf16 (int4: a Triton kernel) and F.linear
 
 
-def candidates(op: str, M: int, K: int, group_size: int = 0) -> list[tuple]:
+def candidates(op: str, M: int, K: int, group_size: int = 0, glu: bool = False) -> list[tuple]:
     """The configs _pick chooses from for op ("bf16", "int8", "int4") and M rows; the first is the default
-    (used without timing under the interpreter, with FLINT_GEMV_TUNE=0, or in a CUDA graph capture)."""
+    (used without timing under the interpreter, with FLINT_GEMV_TUNE=0, or in a CUDA graph capture). With glu
+    each kernel that has the GLU epilogue comes twice: with it, and as "kernel+silu" (the plain kernel, then
+    silu_mul's kernel), since the epilogue's pairing of gate and up rows costs some kernels more than the
+    separate kernel (the bf16 fma configs on the H200), others less (int8_h2)."""
+    configs = _candidates(op, M, K, group_size)
+    if glu:
+        configs = configs + [(c[0] + "+silu",) + tuple(c[1:]) for c in configs
+                             if c[0] not in ("dot", "int4_dot", "dequant")]
+    return configs
+
+
+def _candidates(op: str, M: int, K: int, group_size: int) -> list[tuple]:
     if op == "int4":
         fma = _FMA_INT4 + _H2_INT4
         dot = _DOT_INT4
@@ -1510,13 +1596,35 @@ def _unpack(cfg):
     return tuple(cfg) + (1, 0)[len(cfg) - 5:] if len(cfg) < 7 else tuple(cfg)
 
 
-def _run_dense(x2, w, scales, cfg):
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """y [..., 2F] = [gate, up] -> SiLU(gate) * up [..., F] in y's dtype, computed in fp32 and rounded once (as
+    the kernels' GLU epilogue and inductor's fused kernel do); a Triton kernel on a GPU."""
+    half = y.shape[-1] // 2
+    if y.dim() == 2 and y.stride(1) == 1 and available(y):
+        out = torch.empty(y.shape[0], half, dtype=y.dtype, device=y.device)
+        pdl = _pdl_args(y.device)
+        _kernels()["glu"][(-(-half // 512), y.shape[0])](y, out, half, y.stride(0), out.stride(0), BLOCK=512,
+                                                          PDL=pdl["PDL"], num_warps=2,
+                                                          **({"launch_pdl": True} if pdl["PDL"] else {}))
+        return out
+    gate, up = y.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(y.dtype)
+
+
+def _run_dense(x2, w, scales, cfg, glu=False):
     """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma, bf16_mma or dot kernel with
-    config cfg -> y bf16 [M, N]."""
+    config cfg -> y bf16 [M, N], or with glu (W = [gate; up]) SiLU(gate) * up [M, N / 2]: the fma, h2 and mma
+    kernels in their epilogue, the others (dot, cuBLAS) through silu_mul after."""
+    if cfg[0].endswith("+silu"):  # the plain kernel, then SwiGLU by its own kernel
+        y = _run_dense(x2, w, scales, (cfg[0][:-5],) + tuple(cfg[1:]))
+        return silu_mul(y) if glu else y
     kernel, block_n, block_k, warps, stages, split, ahead = _unpack(cfg)
     quant = scales is not None
     if kernel == "dequant":
-        return F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16) if quant else F.linear(x2, w)
+        y = F.linear(x2, w.to(torch.bfloat16)) * scales.to(torch.bfloat16) if quant else F.linear(x2, w)
+        return silu_mul(y) if glu else y
+    if kernel == "dot" and glu:
+        return silu_mul(_run_dense(x2, w, scales, cfg))
     M, K = x2.shape
     N = w.shape[0]
     if kernel == "int8_mma" and (M > 8 or K % 4 or w.data_ptr() % 4 or x2.stride(0) % 2 or x2.data_ptr() % 4):
@@ -1528,11 +1636,13 @@ def _run_dense(x2, w, scales, cfg):
         kernel = "fma_prmt"
     if kernel == "int8_h2" and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int8_fma"
-    y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
+    y = torch.empty(M, N // 2 if glu else N, dtype=torch.bfloat16, device=x2.device)
     grid = _grid_rows(kernel, M, N, block_n)
     part, count = _split_workspace(x2.device, split * M * N, grid[0]) if split > 1 else (y, y)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT=split, num_warps=warps,
                   **_pdl_args(x2.device))
+    if glu:
+        common["GLU"] = True
     s = scales if quant else w  # an unused pointer for bf16
     if kernel in ("int8_mma", "bf16_mma"):  # W and x as int32 words; a step of BLOCK_K columns = WPL words a lane
         words, xs = w.view(torch.int32), x2.view(torch.int32)  # times 16 (four int8 codes a word) or 8 (two bf16)
@@ -1575,15 +1685,21 @@ def _split_workspace(device: torch.device, n_part: int, n_count: int):
     return part, count
 
 
-def _run_int4(x2, packed, scales_zeros, group_size, cfg):
+def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False):
     """int4 through int4_fma_kernel / int4_h2_kernel / int4_mma_kernel / int4_dot_kernel with config cfg
-    -> y bf16 [M, N]."""
+    -> y bf16 [M, N], or SiLU(gate) * up [M, N / 2] with glu (as _run_dense)."""
+    if cfg[0].endswith("+silu"):  # the plain kernel, then SwiGLU by its own kernel
+        y = _run_int4(x2, packed, scales_zeros, group_size, (cfg[0][:-5],) + tuple(cfg[1:]))
+        return silu_mul(y) if glu else y
     kernel, block_n, block_k, warps, stages = cfg
     if kernel == "dequant":
-        return F.linear(x2, int4_dequantize(packed, scales_zeros, group_size))
+        y = F.linear(x2, int4_dequantize(packed, scales_zeros, group_size))
+        return silu_mul(y) if glu else y
+    if kernel == "int4_dot" and glu:
+        return silu_mul(_run_int4(x2, packed, scales_zeros, group_size, cfg))
     M, K = x2.shape
     N = packed.shape[0]
-    y = torch.empty(M, N, dtype=torch.bfloat16, device=x2.device)
+    y = torch.empty(M, N // 2 if glu else N, dtype=torch.bfloat16, device=x2.device)
     sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
     if kernel == "int4_mma" and (M > 8 or group_size not in (32, 64, 128)):  # B has 8 columns
         kernel = "int4_h2"
@@ -1600,6 +1716,8 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg):
             xs, extra, flags = x2.view(torch.int32), (), {"ASM": not _interpret()}
             if kernel == "int4_mma":
                 flags["ONE_ROW"] = M == 1
+        if glu:
+            flags["GLU"] = True
         _kernels()[kernel][(grid[0], split)](
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
             *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps, num_stages=1,
@@ -1638,80 +1756,101 @@ def _check(x2, w, n_cols):
 
 # ---------------------------------------------------------------- the custom ops
 
+# glu=True (W = [gate; up], the fused gate_up projection): the ops return SiLU(gate) * up [M, N / 2] instead of
+# y [M, N], applied as the kernel stores its sums (a decode step then runs no separate SwiGLU kernel). Tuned
+# apart from the plain call of the same shape (op name "bf16_glu", ...).
+
+def _out_cols(N: int, glu: bool) -> int:
+    if glu and N % 2:
+        raise ValueError(f"gemv: glu needs an even number of weight rows ([gate; up]), got {N}")
+    return N // 2 if glu else N
+
+
 @torch.library.custom_op("flint::bf16_linear", mutates_args=())
-def bf16_linear(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N]."""
+def bf16_linear(x2: torch.Tensor, w: torch.Tensor, glu: bool = False) -> torch.Tensor:
+    """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N] (glu: SiLU(gate) * up [M, N / 2])."""
     _check(x2, w, w.shape[1])
+    _out_cols(w.shape[0], glu)
     M, K = x2.shape
     if M > MAX_M or M == 0 or not available(x2):
-        return _run_dense(x2, w, None, DEQUANT)
+        return _run_dense(x2, w, None, DEQUANT, glu)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    key = _key("bf16", M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("bf16", M, K), lambda c, w_: _run_dense(x2, w_, None, c), x2.device, (w,))
-    return _run_dense(x2, w, None, cfg)
+    key = _key("bf16_glu" if glu else "bf16", M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("bf16", M, K, 0, glu), lambda c, w_: _run_dense(x2, w_, None, c, glu), x2.device, (w,))
+    return _run_dense(x2, w, None, cfg, glu)
 
 
 @bf16_linear.register_fake
-def _(x2, w):
-    return x2.new_empty(x2.shape[0], w.shape[0])
+def _(x2, w, glu=False):
+    return x2.new_empty(x2.shape[0], _out_cols(w.shape[0], glu))
 
 
 @torch.library.custom_op("flint::int8_linear", mutates_args=())
-def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N]."""
+def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, glu: bool = False) -> torch.Tensor:
+    """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N] (glu: SiLU(gate) * up [M, N / 2])."""
     _check(x2, w, w.shape[1])
+    _out_cols(w.shape[0], glu)
     M, K = x2.shape
     if M > MAX_M or M == 0 or not available(x2):  # prefill: compute-bound, cuBLAS on a bf16 copy
-        return _run_dense(x2, w, scales, DEQUANT)
+        return _run_dense(x2, w, scales, DEQUANT, glu)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    key = _key("int8", M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("int8", M, K), lambda c, w_, s_: _run_dense(x2, w_, s_, c), x2.device,
+    key = _key("int8_glu" if glu else "int8", M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("int8", M, K, 0, glu), lambda c, w_, s_: _run_dense(x2, w_, s_, c, glu), x2.device,
                 (w, scales))
-    return _run_dense(x2, w, scales, cfg)
+    return _run_dense(x2, w, scales, cfg, glu)
 
 
 @int8_linear.register_fake
-def _(x2, w, scales):
-    return x2.new_empty(x2.shape[0], w.shape[0])
+def _(x2, w, scales, glu=False):
+    return x2.new_empty(x2.shape[0], _out_cols(w.shape[0], glu))
 
 
 @torch.library.custom_op("flint::int4_linear", mutates_args=())
-def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                glu: bool = False) -> torch.Tensor:
     """x2 bf16 [M, K] @ W^T -> bf16 [M, N], W = (q - 8) * scale + zero per group of group_size columns;
-    packed uint8 [N, K/2] (quantize.pack_nibbles), scales_zeros bf16 [N, K/G, 2]."""
+    packed uint8 [N, K/2] (quantize.pack_nibbles), scales_zeros bf16 [N, K/G, 2] (glu: SiLU(gate) * up [M, N / 2])."""
     K = packed.shape[1] * 2
     _check(x2, packed, K)
+    _out_cols(packed.shape[0], glu)
     if group_size % 32 or K % group_size or scales_zeros.shape != (packed.shape[0], K // group_size, 2):
         raise ValueError(f"gemv: int4 needs a group size that is a multiple of 32 dividing K={K} and "
                          f"scales_zeros [N, K/G, 2]; got G={group_size}, {list(scales_zeros.shape)}")
     M = x2.shape[0]
     if M > MAX_M or M == 0 or not available(x2):
-        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT)
+        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT, glu)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     scales_zeros = scales_zeros.contiguous()
-    key = _key("int4", M, packed.shape[0], K, group_size, x2.device)
-    cfg = _pick(key, candidates("int4", M, K, group_size),
-                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c), x2.device, (packed, scales_zeros))
-    return _run_int4(x2, packed, scales_zeros, group_size, cfg)
+    key = _key("int4_glu" if glu else "int4", M, packed.shape[0], K, group_size, x2.device)
+    cfg = _pick(key, candidates("int4", M, K, group_size, glu),
+                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c, glu), x2.device, (packed, scales_zeros))
+    return _run_int4(x2, packed, scales_zeros, group_size, cfg, glu)
 
 
 @int4_linear.register_fake
-def _(x2, packed, scales_zeros, group_size):
-    return x2.new_empty(x2.shape[0], packed.shape[0])
+def _(x2, packed, scales_zeros, group_size, glu=False):
+    return x2.new_empty(x2.shape[0], _out_cols(packed.shape[0], glu))
 
 
 # ---------------------------------------------------------------- float linears of a model
 
 class Linear(torch.nn.Linear):
     """nn.Linear whose few-row calls (decode) go through bf16_linear: the same parameters, so it keeps
-    ties and state-dict names. Anything else (prefill, other dtypes) is F.linear."""
+    ties and state-dict names. Anything else (prefill, other dtypes) is F.linear. forward(x, glu=True)
+    returns SiLU(gate) * up of a [gate; up] weight (model.FeedForward asks linears that set fuses_glu)."""
 
-    def forward(self, x):
+    @property
+    def fuses_glu(self) -> bool:
+        return glu_enabled()
+
+    def forward(self, x, glu: bool = False):
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_M or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        if (rows > MAX_M or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
+                or (glu and self.bias is not None)):  # a bias must come before the GLU: not in the epilogue
+            y = F.linear(x, self.weight, self.bias)
+            return silu_mul(y.reshape(rows, -1)).reshape(*x.shape[:-1], -1) if glu else y
+        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, glu)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + self.bias if self.bias is not None else y
 
 
@@ -1734,12 +1873,15 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
     that shape (a server's first short prompt would otherwise wait for the timing)."""
     buckets = sorted({row_bucket(m) for m in range(1, MAX_M + 1)})
     seen = set()
-    for m in model.modules():
+    for name, m in model.named_modules():
         if not (hasattr(m, "in_features") and hasattr(m, "out_features")):
             continue
-        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None))
+        # the gate/up projection runs with the GLU epilogue where the linear has one (model.FeedForward)
+        glu = name.endswith("gate_up_proj") and getattr(m, "fuses_glu", False)
+        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None), glu)
         if shape in seen:  # tuning is keyed by shape: the other layers would only repeat it
             continue
         seen.add(shape)
         for rows in buckets:
-            m(torch.zeros(rows, m.in_features, dtype=dtype, device=device))
+            x = torch.zeros(rows, m.in_features, dtype=dtype, device=device)
+            m(x, glu=True) if glu else m(x)

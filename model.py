@@ -256,6 +256,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
+        if getattr(self.gate_up_proj, "fuses_glu", False):
+            # flint's GPU linears (gemv.py) apply SiLU(gate) * up as their kernel stores the sums: one
+            # kernel fewer per layer in a decode step
+            return self.down_proj(self.gate_up_proj(x, glu=True))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 

@@ -164,19 +164,32 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
 
-    def forward(self, x):
+    @property
+    def fuses_glu(self) -> bool:
+        """forward(x, glu=True) applies SwiGLU inside the kernel (gemv.py's epilogue; a bias would come first)."""
+        return self.gemv and self.bias is None and gemv.glu_enabled()
+
+    def forward(self, x, glu: bool = False):
+        """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]."""
         x2 = x.reshape(-1, self.in_features)  # [M, K]
+        fused = glu and self.fuses_glu
         if self.gemv:
-            y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales)
+            y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales, fused)
         elif x.device.type == "cuda":  # without Triton: dequantize, then cuBLAS
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        return _finish(y.to(x.dtype), self.bias, glu and not fused, x.shape)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _finish(y, bias, glu, x_shape):
+    """A quantized linear's y [M, N]: + bias, SwiGLU if asked and not done in the kernel, x's leading dims."""
+    y = y + bias if bias is not None else y
+    y = gemv.silu_mul(y) if glu else y
+    return y.reshape(*x_shape[:-1], y.shape[-1])
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -240,9 +253,14 @@ class Int4Linear(nn.Module):
             sz = sz.transpose(0, 1)  # [K/G, N, 2]
         self.scales_and_zeros = sz.to(device=dev, dtype=SCALE_DTYPE).contiguous()
 
-    def _mm(self, x2, scales_and_zeros):
+    @property
+    def fuses_glu(self) -> bool:
+        """forward(x, glu=True) applies SwiGLU inside the kernel (gemv.py's epilogue; a bias would come first)."""
+        return self.layout == "gemv" and self.bias is None and gemv.glu_enabled()
+
+    def _mm(self, x2, scales_and_zeros, glu=False):
         if self.layout == "gemv":
-            return torch.ops.flint.int4_linear(x2, self.weight, scales_and_zeros, self.group_size)
+            return torch.ops.flint.int4_linear(x2, self.weight, scales_and_zeros, self.group_size, glu)
         if x2.device.type == "cuda":  # tinygemm: ~0.38 of copy bandwidth at batch 1
             return torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, scales_and_zeros)
@@ -268,13 +286,14 @@ class Int4Linear(nn.Module):
         """fp32 [N, in_features]."""
         return int4_dequantize(self.codes(), *self.scales_zeros())[:, : self.in_features]
 
-    def forward(self, x):
+    def forward(self, x, glu: bool = False):
+        """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]."""
         x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)  # [M, K]
         if self.k_padded != self.in_features:
             x2 = F.pad(x2, (0, self.k_padded - self.in_features))
-        y = self._mm(x2.contiguous(), self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        fused = glu and self.fuses_glu
+        y = self._mm(x2.contiguous(), self.scales_and_zeros, fused)
+        return _finish(y.to(x.dtype), self.bias, glu and not fused, x.shape)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

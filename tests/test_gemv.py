@@ -208,6 +208,99 @@ def test_mma_kernels_ahead_splits_and_rows():
     assert not any(c[0].endswith("_mma") for op in ("int8", "int4", "bf16") for c in gemv.candidates(op, 1, 4096, 128))
 
 
+def glu_ref(y):
+    """SiLU(gate) * up of y [M, 2F] = [gate, up] in fp32."""
+    gate, up = y.float().cpu().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("op", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("M", [1, 3])  # 3 rows: fma, mma and dot kernels (mma's second row of a lane too)
+def test_glu_epilogue_every_config(op, M):
+    # glu=True (W = [gate; up]): the fma, h2 and mma kernels pair each gate row with its up row in a program
+    # and store SiLU(gate) * up; dot and dequantize run silu_mul after. Either way the sums are the plain
+    # call's, so the result is silu_mul of the plain output (one bf16 rounding of an fp32 product) to within
+    # an ulp, and near the fp32 reference. F = 49 outputs: no BLOCK_N / 2 divides it (the last pair block is
+    # partly past the end).
+    F_, K, G = 49, 320, 64
+    x, w = problem(M, 2 * F_, K)
+    if op == "int4":
+        x, packed, sz, ref = int4_problem(M, 2 * F_, K, G)
+        run = lambda cfg, glu: gemv._run_int4(x, packed, sz, G, cfg, glu)  # noqa: E731
+        op_call = lambda: gemv.int4_linear(x, packed, sz, G, True)  # noqa: E731
+    else:
+        if op == "bf16":
+            wq, scales = w.to(torch.bfloat16), None
+            ref = x.float() @ wq.float().t()
+        else:
+            wq, scales = Q.int8_quantize(w)
+            ref = x.float() @ (wq.float() * scales.float()[:, None]).t()
+            scales = scales.to(DEVICE)
+        x, wq = x.to(DEVICE), wq.to(DEVICE)
+        run = lambda cfg, glu: gemv._run_dense(x, wq, scales, cfg, glu)  # noqa: E731
+        op_call = ((lambda: gemv.bf16_linear(x, wq, True)) if op == "bf16"  # noqa: E731
+                   else (lambda: gemv.int8_linear(x, wq, scales, True)))
+    want = glu_ref(ref)
+    bound = 2 ** -6 * want.abs() + 2 ** -8 * want.abs().max()
+    configs = gemv.candidates(op, M, K, G if op == "int4" else 0, glu=True)
+    assert any(c[0].endswith("+silu") for c in configs)
+    fused_kinds = [c for c in configs if not c[0].endswith("+silu")]
+    for cfg in fused_kinds + [c for c in configs if c not in fused_kinds][:2]:  # "+silu": plain, then silu_mul
+        fused = run(cfg, True)
+        assert fused.shape == (M, F_) and fused.dtype == torch.bfloat16
+        exact = glu_ref(run(cfg, False))
+        assert ((fused.float().cpu() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all(), cfg
+        assert ((fused.float().cpu() - want).abs() <= bound).all(), cfg
+    assert ((op_call().float().cpu() - want).abs() <= bound).all()
+    assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+
+
+def test_glu_epilogue_with_k_splits_and_bad_shapes():
+    # K splits (the last program of a pair block adds the partials, then pairs them), an mma tile row past
+    # F, and an odd number of rows, which has no [gate; up] halves
+    x, w = problem(2, 2 * 21, 320)
+    q, scales = Q.int8_quantize(w)
+    ref = glu_ref(x.float() @ (q.float() * scales.float()[:, None]).t())
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    for cfg in [("fma", 8, 256, 4, 1, 4, 1), ("int8_h2", 8, 64, 4, 1, 3, 1), ("int8_mma", 16, 64, 1, 1, 3, 0),
+                ("int8_mma", 32, 128, 1, 1, 2, 1)]:
+        y = gemv._run_dense(x, q, scales, cfg, True)
+        assert ((y.float().cpu() - ref).abs() <= 2 ** -6 * ref.abs() + 2 ** -8 * ref.abs().max()).all(), cfg
+    x4, packed, sz, ref4 = int4_problem(2, 2 * 21, 384, 128)
+    for cfg in [("int4_h2", 32, 2, 1, 1), ("int4_mma", 16, 4, 1, 1)]:
+        y = gemv._run_int4(x4, packed, sz, 128, cfg, True)
+        want = glu_ref(ref4)
+        assert ((y.float().cpu() - want).abs() <= 2 ** -6 * want.abs() + 2 ** -8 * want.abs().max()).all(), cfg
+    assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+    with pytest.raises(ValueError, match="even number"):
+        gemv.bf16_linear(x, torch.zeros(41, 320, dtype=torch.bfloat16, device=DEVICE), True)
+
+
+def test_feed_forward_uses_the_glu_epilogue(gemv_layout):
+    # model.FeedForward asks gate_up_proj for SiLU(gate) * up where the linear fuses it (gemv.Linear, the
+    # quantized linears in the gemv layout): the same output as the unfused path, decode rows and prefill
+    from model import FeedForward, ModelArgs
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, ffn_dim=96, n_heads=4, n_kv_heads=4, n_layers=1, vocab_size=32)
+    plain = FeedForward(args).to(DEVICE, torch.bfloat16)
+    fused = FeedForward(args).to(DEVICE, torch.bfloat16)
+    fused.load_state_dict(plain.state_dict())
+    gemv.use_for_linears(fused)
+    assert fused.gate_up_proj.fuses_glu
+    for rows in (1, 3, gemv.MAX_M + 6):
+        x = torch.randn(1, rows, 64, device=DEVICE, dtype=torch.bfloat16)
+        with torch.no_grad():
+            want, got = plain(x).float(), fused(x).float()
+        assert got.shape == want.shape
+        assert ((got - want).abs() <= 2 ** -5 * want.abs() + 2 ** -7 * want.abs().max()).all(), rows
+    q = Q.Int8Linear.from_float(plain.gate_up_proj.float())
+    assert q.fuses_glu
+    x = torch.randn(2, 64, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x, glu=True).float(), glu_ref(q(x)).to(DEVICE), atol=2e-2, rtol=2e-2)
+
+
 def test_bf16_mma_falls_back_where_w_or_x_are_not_words():
     # bf16_mma reads W and x as int32 words of two bf16: an odd K, an odd row stride or more than 8 rows run
     # the default fma config instead, with the same result
