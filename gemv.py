@@ -82,7 +82,8 @@ mma kernels give each program gate rows j0.. and the up rows F + j0.. of the sam
 g + 8 of a tile), add up their sums as usual and pair them as they store; dot and dequant run silu_mul's
 kernel after. The tuner also times every kernel as "kernel+silu" (plain, then silu_mul): on the H200 at one
 row the int8_h2 gate_up with the epilogue costs 0.2 us more than without, the bf16 fma one 2.7 us more (the
-separate kernel ~1.4 us), so bf16 keeps the separate kernel and int8 fuses (decode: SmolLM2 preset +5.9%,
+separate kernel ~1.4 us; the epilogue takes it from 72 to 74 registers, 7 to 6 programs an SM), so bf16 keeps
+the separate kernel and int8 fuses (decode: SmolLM2 preset +5.9%,
 llama-3-8b int8 +1.3%, bf16 +0.1%; BENCHMARKS.md). FLINT_GEMV_GLU=0: model.py's own SiLU(gate) * up.
 Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner loop, pointers and strides
 16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.9-5.3 (int8 fma),
