@@ -272,6 +272,14 @@ def test_glu_epilogue_with_k_splits_and_bad_shapes():
         want = glu_ref(ref4)
         assert ((y.float().cpu() - want).abs() <= 2 ** -6 * want.abs() + 2 ** -8 * want.abs().max()).all(), cfg
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+    # a continuous-batching decode batch (17..64 rows: dequantize + F.linear or dot, then silu_mul's kernel)
+    x, w = problem(20, 2 * 21, 320)
+    q, scales = Q.int8_quantize(w)
+    ref = glu_ref(x.float() @ (q.float() * scales.float()[:, None]).t())
+    x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
+    for y in (gemv.int8_linear(x, q, scales, True), gemv._run_dense(x, q, scales, gemv._DOT[0], True)):
+        assert y.shape == (20, 21)
+        assert ((y.float().cpu() - ref).abs() <= 2 ** -6 * ref.abs() + 2 ** -8 * ref.abs().max()).all()
     with pytest.raises(ValueError, match="even number"):
         gemv.bf16_linear(x, torch.zeros(41, 320, dtype=torch.bfloat16, device=DEVICE), True)
 
