@@ -1018,6 +1018,25 @@ def _kernels():
         return acc
 
     @triton.jit
+    def mma_quads(ws, q, T: tl.constexpr, Q: tl.constexpr):
+        # words 4q..4q + 3 of rows g, g + 8 of each tile out of a step's words ws (mma_words): four [32] each,
+        # index 2t + h
+        wq = ()
+        for i in tl.static_range(2 * T):
+            wq = wq + (unstack4(ws[i * Q + q]),)
+        return wq
+
+    @triton.jit
+    def mma_rotate(ws, ws2, ws_next, AHEAD):
+        # after a step of the mma kernels: the words for the next step (AHEAD 2: the second-next moves up).
+        # AHEAD arrives as the kernel's constexpr; annotated here, Triton 3.6 fails to resolve `tl` in it
+        if AHEAD == 2:
+            ws, ws2 = ws2, ws_next
+        elif AHEAD == 1:
+            ws = ws_next
+        return ws, ws2
+
+    @triton.jit
     def mma_tiles(pid, g, word, N, stride_wn, BLOCK_N: tl.constexpr, T: tl.constexpr, GLU: tl.constexpr):
         # the mma kernels' T tiles of 16 rows of W: word offsets 2t, 2t + 1 of rows g and g + 8 of tile t
         # (word: the lane's [32, 4] words of a row), and rows 4t..4t + 3 (n_a = g, n_b = g + 8, both clamped
@@ -1067,7 +1086,8 @@ def _kernels():
                 tl.atomic_xchg(count_ptr + pid, 0)
 
     globals().update(mma_words=mma_words, mma_first_words=mma_first_words, mma_next_words=mma_next_words,
-                     mma_zeros=mma_zeros, mma_tiles=mma_tiles, mma_store=mma_store)
+                     mma_zeros=mma_zeros, mma_quads=mma_quads, mma_rotate=mma_rotate, mma_tiles=mma_tiles,
+                     mma_store=mma_store)
 
     @triton.jit
     def int8_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -1119,9 +1139,7 @@ def _kernels():
                                        mask=None if EVEN_K else x_col + 16 * q + 8 + k0 < k_hi,
                                        other=None if EVEN_K else 0))
                 xs = xlo + xhi
-                wq = ()  # words 4q..4q + 3 of rows g, g + 8 of each tile: [32] each, index 2t + h
-                for i in tl.static_range(2 * T):
-                    wq = wq + (unstack4(ws[i * Q + q]),)
+                wq = mma_quads(ws, q, T, Q)
                 for jj in tl.static_range(4):  # word 4q + jj of the lane's run
                     b0, b1 = x_f16_pairs(xs[2 * jj], xs[2 * jj + 1], ASM)          # [32]
                     new_acc = ()
@@ -1133,10 +1151,7 @@ def _kernels():
                         new_acc = new_acc + (d0, d1, d2, d3)
                     acc = new_acc
                     cor0, cor1, cor2, cor3 = mma_16816(k1152, k1152, k1152, k1152, b0, b1, cor0, cor1, cor2, cor3, ASM)
-            if AHEAD == 2:
-                ws, ws2 = ws2, ws_next
-            elif AHEAD == 1:
-                ws = ws_next
+            ws, ws2 = mma_rotate(ws, ws2, ws_next, AHEAD)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         # lane (g, c) holds columns m = 2c, 2c + 1 (rows of x) of rows n_a (acc 0, 1) and n_b (acc 2, 3)
@@ -1182,9 +1197,7 @@ def _kernels():
                 xq = unstack4(tl.load(x_ptr + k0 // 2 + 4 * q + x_off,                   # x words 4q..4q + 3
                                       mask=None if EVEN_K else w_col + 8 * q + k0 < k_hi,
                                       other=None if EVEN_K else 0))
-                wq = ()  # words 4q..4q + 3 of rows g, g + 8 of each tile: [32] each, index 2t + h
-                for i in tl.static_range(2 * T):
-                    wq = wq + (unstack4(ws[i * Q + q]),)
+                wq = mma_quads(ws, q, T, Q)
                 for jj in tl.static_range(2):  # words 2jj, 2jj + 1: one mma
                     new_acc = ()
                     for t in tl.static_range(T):
@@ -1193,10 +1206,7 @@ def _kernels():
                                                    acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3], ASM, True)
                         new_acc = new_acc + (d0, d1, d2, d3)
                     acc = new_acc
-            if AHEAD == 2:
-                ws, ws2 = ws2, ws_next
-            elif AHEAD == 1:
-                ws = ws_next
+            ws, ws2 = mma_rotate(ws, ws2, ws_next, AHEAD)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         mma_store(acc, rows, 2 * c, y_ptr, s_ptr, part_ptr, count_ptr, pid, M, N, stride_ym, T, SPLIT, GLU)
