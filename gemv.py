@@ -85,6 +85,15 @@ row the int8_h2 gate_up with the epilogue costs 0.2 us more than without, the bf
 separate kernel ~1.4 us; the epilogue takes it from 72 to 74 registers, 7 to 6 programs an SM), so bf16 keeps
 the separate kernel and int8 fuses (decode: SmolLM2 preset +5.9%,
 llama-3-8b int8 +1.3%, bf16 +0.1%; BENCHMARKS.md). FLINT_GEMV_GLU=0: model.py's own SiLU(gate) * up.
+RMSNorm in the prologue and the residual add in the epilogue (norm_weight, eps, residual; model.linear asks
+gemv.Linear and quantize.py's linears for them at one row, fusable()): a program of the fma and h2 kernels reads
+its row of x whole once after PDL's wait for the rms (one load, a single round trip), then normalizes each x
+tile as it loads it, rounded as model.RMSNorm rounds ((x * rstd) to bf16, times the weight, to bf16; the h2
+kernels a bf16 pair in 6 PTX instructions, sm_90's bf16x2 multiply); it loads the residual of its outputs right
+after the wait and adds it as it stores. A llama block's decode step is then qkv, attention (two kernels),
+o_proj, gate_up, down_proj: no norm, add or SwiGLU kernels (RoPE stays, one inductor kernel). On the H200:
+int8 +2.6%, bf16 +1.0% with the residual add only (BF16_NORM_MAX_K), SmolLM2 preset +6.4%. The other kernels
+(dot, mma, cuBLAS) get the norm and the add as plain ops. FLINT_GEMV_FUSE=0: model.py's own norms and adds.
 Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner loop, pointers and strides
 16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.9-5.3 (int8 fma),
 ~4.0-4.5 (fma_prmt), ~3.9-4.7 (int8_fma) and ~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite)
@@ -110,6 +119,7 @@ tuning_log() tells what was chosen and measured. FLINT_GEMV_MMA=0 leaves the mma
 import functools
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -165,21 +175,26 @@ def _kernels():
         return (g * tl.sigmoid(g) * u.to(ty).to(tl.float32)).to(ty)
 
     @triton.jit
-    def store_rows(y, y_ptr, m, N, rn, stride_ym, GLU: tl.constexpr):
+    def store_rows(y, y_ptr, m, N, rn, stride_ym, GLU: tl.constexpr, RES: tl.constexpr = False, r=None):
         # y [BN] fp32, final sums of rows rn of W for row m of x, stored as y's dtype; with GLU the block's first
         # half are gate rows j and its second half their up rows (row_block), and SiLU(gate) * up goes to column
-        # j of y [M, N / 2]
+        # j of y [M, N / 2]. RES: plus the residual r (load_residual's, the same columns), added to the rounded
+        # output in fp32 and rounded once, as the unfused `r + linear(x)` does
         ty = y_ptr.dtype.element_ty
         if GLU:
             g, u = tl.split(tl.permute(tl.reshape(y, (2, y.shape[0] // 2)), (1, 0)))       # [BN / 2] each
             j, _ = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))     # gate rows = columns
-            tl.store(y_ptr + m * stride_ym + j, silu_up(g, u, ty), mask=j < N // 2)
+            out, col, n_out = silu_up(g, u, ty), j, N // 2
         else:
-            tl.store(y_ptr + m * stride_ym + rn, y.to(ty), mask=rn < N)
+            out, col, n_out = y.to(ty), rn, N
+        if RES:
+            out = (out.to(tl.float32) + r.to(tl.float32)).to(ty)
+        tl.store(y_ptr + m * stride_ym + col, out, mask=col < n_out)
 
     @triton.jit
     def store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, split, m, M, N, rn, rn_in, stride_ym,
-                        SPLIT: tl.constexpr, SCALE: tl.constexpr, GLU: tl.constexpr):
+                        SPLIT: tl.constexpr, SCALE: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr = False,
+                        r=None):
         # y [BN] fp32: this program's sums for rows rn of W and row m of x, over its share of K. Without
         # a split: (* scale) and store. With one: the partial sums go to the workspace; the last of the
         # SPLIT programs of this (block, m) to finish adds them up, stores y and sets the counter back
@@ -187,7 +202,7 @@ def _kernels():
         if SPLIT == 1:
             if SCALE:
                 y *= tl.load(s_ptr + rn_in).to(tl.float32)
-            store_rows(y, y_ptr, m, N, rn, stride_ym, GLU)
+            store_rows(y, y_ptr, m, N, rn, stride_ym, GLU, RES, r)
         else:
             tl.store(part_ptr + (split * M + m) * N + rn, y, mask=rn < N)
             tl.debug_barrier()  # every thread's store before the counter moves
@@ -198,8 +213,60 @@ def _kernels():
                     total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
                 if SCALE:
                     total *= tl.load(s_ptr + rn_in).to(tl.float32)
-                store_rows(total, y_ptr, m, N, rn, stride_ym, GLU)
+                store_rows(total, y_ptr, m, N, rn, stride_ym, GLU, RES, r)
                 tl.atomic_xchg(count_ptr + pid, 0)
+
+    @triton.jit
+    def load_residual(r_ptr, m, N, rn, stride_ym, GLU: tl.constexpr):
+        # the residual of the columns store_rows will store (RES), loaded right after PDL's wait so that its
+        # round trip overlaps the program's loop instead of following it
+        if GLU:
+            col, _ = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))
+            n_out = N // 2
+        else:
+            col, n_out = rn, N
+        return tl.load(r_ptr + m * stride_ym + col, mask=col < n_out, other=0.0)
+
+    @triton.jit
+    def rms_rstd(x_row, K, eps, PAIRS: tl.constexpr, NORM_K: tl.constexpr):
+        # RMSNorm's 1 / sqrt(mean(x^2) + eps) over one row of x, K bf16 (PAIRS: read as K / 2 int32 words of
+        # two), in fp32 as the reference computes it. Every program of a GEMV with NORM reads its row of x whole
+        # (8 KB at K = 4096, from L2) for this, whatever share of K it multiplies: in one load (NORM_K >= K, a
+        # power of two), a single round trip
+        n = K // 2 if PAIRS else K
+        offs = tl.arange(0, NORM_K // 2 if PAIRS else NORM_K)
+        v = tl.load(x_row + offs, mask=offs < n, other=0)
+        if PAIRS:
+            lo = (v << 16).to(tl.float32, bitcast=True)
+            hi = (v & -65536).to(tl.float32, bitcast=True)
+            ss = lo * lo + hi * hi
+        else:
+            v = v.to(tl.float32)
+            ss = v * v
+        return 1.0 / tl.sqrt_rn(tl.sum(ss, axis=0) / K + eps)
+
+    @triton.jit
+    def rms_scale(x, g, rstd, ASM: tl.constexpr):
+        # RMSNorm of x's elements (any float dtype) with the weight's g (bf16) -> bf16, rounded as the reference
+        # rounds: (x * rstd) to bf16, then times g, to bf16 (ASM: that product as sm_90's bf16 multiply, which
+        # rounds the exact product once, as the fp32 one does; the interpreter has no bf16 arithmetic)
+        xn = (x.to(tl.float32) * rstd).to(tl.bfloat16)
+        if ASM:
+            return xn * g
+        return (xn.to(tl.float32) * g.to(tl.float32)).to(tl.bfloat16)
+
+    @triton.jit
+    def rms_scale_pairs(xw, gw, rstd, ASM: tl.constexpr):
+        # rms_scale on int32 words of two bf16 (x and the weight g as the h2 kernels read them) -> such words
+        if ASM:  # 6 instructions a pair
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b, t; shl.b32 a, $1, 16; and.b32 b, $1, 0xFFFF0000; mul.rn.f32 a, a, $3; "
+                "mul.rn.f32 b, b, $3; cvt.rn.bf16x2.f32 t, b, a; mul.rn.bf16x2 $0, t, $2; }",
+                "=r,r,r,r", [xw, gw, rstd + tl.zeros_like(xw).to(tl.float32)], dtype=tl.int32, is_pure=True, pack=1)
+        lo = rms_scale((xw << 16).to(tl.float32, bitcast=True), (gw << 16).to(tl.float32, bitcast=True), rstd, False)
+        hi = rms_scale((xw & -65536).to(tl.float32, bitcast=True), (gw & -65536).to(tl.float32, bitcast=True), rstd,
+                       False)
+        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
     @triton.jit
     def k_range(K, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
@@ -439,6 +506,7 @@ def _kernels():
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
     globals().update(silu_up=silu_up, store_rows=store_rows, store_row_block=store_row_block, k_range=k_range,
+                     rms_rstd=rms_rstd, load_residual=load_residual, rms_scale=rms_scale, rms_scale_pairs=rms_scale_pairs,
                      group_range=group_range, row_block=row_block, word_tile_at=word_tile_at,
                      int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
                      int8_to_f32=int8_to_f32, unstack4=unstack4, unstack=unstack, f16_bits=f16_bits,
@@ -451,9 +519,12 @@ def _kernels():
     def fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                    STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
-                   PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
+                   PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False, NORM: tl.constexpr = False,
+                   RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
+                   NORM_ASM: tl.constexpr = False):
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
         # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1); int8 made fp32 by int8_to_f32.
+        # NORM: x is RMSNorm(x) with weight g (rms_rstd, rms_scale) as it is read; RES: y + r (store_rows).
         pid = tl.program_id(0)
         m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
         rk = tl.arange(0, BLOCK_K)                                             # [BK]
@@ -472,19 +543,35 @@ def _kernels():
                 w = tl.load(w_ptr + k_lo + w_off, mask=in_k, other=0)
                 if PDL:
                     tl.extra.cuda.gdc_wait()
+                r = 0.0
+                if RES:  # issued first: its round trip overlaps the rest
+                    r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
                 x = tl.load(x_row + k_lo + x_off, mask=in_k, other=0.0)
+                if NORM:
+                    rstd = rms_rstd(x_row, K, eps, False, NORM_K)
+                    x = rms_scale(x, tl.load(g_ptr + k_lo + x_off, mask=in_k, other=0.0), rstd, NORM_ASM)
                 if QUANT:
                     w = int8_to_f32(w, PRMT)
                 acc += w.to(tl.float32) * x.to(tl.float32)
                 k_start = k_lo + BLOCK_K
+            else:  # no PDL
+                r = 0.0
+                if RES:  # issued first: its round trip overlaps the rest
+                    r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+                if NORM:
+                    rstd = rms_rstd(x_row, K, eps, False, NORM_K)
             for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):
                 if EVEN_K:
                     w = tl.load(w_ptr + k0 + w_off)
                     x = tl.load(x_row + k0 + x_off)
+                    if NORM:
+                        x = rms_scale(x, tl.load(g_ptr + k0 + x_off), rstd, NORM_ASM)
                 else:
                     in_k = rk[None, :] < k_hi - k0
                     w = tl.load(w_ptr + k0 + w_off, mask=in_k, other=0)
                     x = tl.load(x_row + k0 + x_off, mask=in_k, other=0.0)
+                    if NORM:
+                        x = rms_scale(x, tl.load(g_ptr + k0 + x_off, mask=in_k, other=0.0), rstd, NORM_ASM)
                 if QUANT:
                     w = int8_to_f32(w, PRMT)
                 acc += w.to(tl.float32) * x.to(tl.float32)
@@ -501,13 +588,22 @@ def _kernels():
                 w2 = tl.load(w_ptr + k_lo + BLOCK_K + w_off, mask=k_pos + k_lo + BLOCK_K < k_hi, other=0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
+            r = 0.0
+            if RES:  # issued first: its round trip overlaps the rest
+                r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+            if NORM:
+                rstd = rms_rstd(x_row, K, eps, False, NORM_K)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 k_next = k0 + AHEAD * BLOCK_K
                 w_next = tl.load(w_ptr + k_next + w_off, mask=k_pos + k_next < k_hi, other=0)
                 if EVEN_K:
                     x = tl.load(x_row + k0 + x_off)
+                    if NORM:
+                        x = rms_scale(x, tl.load(g_ptr + k0 + x_off), rstd, NORM_ASM)
                 else:
                     x = tl.load(x_row + k0 + x_off, mask=k_pos + k0 < k_hi, other=0.0)
+                    if NORM:
+                        x = rms_scale(x, tl.load(g_ptr + k0 + x_off, mask=k_pos + k0 < k_hi, other=0.0), rstd, NORM_ASM)
                 if QUANT:
                     w = int8_to_f32(w, PRMT)
                 acc += w.to(tl.float32) * x.to(tl.float32)
@@ -518,7 +614,7 @@ def _kernels():
         if PDL:  # the next kernel may launch now and wait for this one's end in its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
-                        rn, rn_in, stride_ym, SPLIT, QUANT, GLU)
+                        rn, rn_in, stride_ym, SPLIT, QUANT, GLU, RES, r)
 
     @triton.jit
     def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -580,7 +676,9 @@ def _kernels():
     def int8_fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
-                        GLU: tl.constexpr = False):
+                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
+                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
+                   NORM_ASM: tl.constexpr = False):
         # w: int8 [N, K] read as int32 words [N, K/4] (code 4c + j in byte j), one row m of x per program,
         # tiles of [BN, BK/4] words loaded AHEAD tiles before their math (0: none). A word's four bytes,
         # XORed with 0x80 (q + 128 >= 0), each become the fp32 2^23 + 128 + q with one byte permute (PTX prmt
@@ -595,6 +693,11 @@ def _kernels():
             w2 = word_tile_at(w_ptr, w_off, k_pos, k_lo + BLOCK_K, k_hi)
         if PDL:
             tl.extra.cuda.gdc_wait()
+        r = 0.0
+        if RES:  # issued first: its round trip overlaps the rest
+            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        if NORM:
+            rstd = rms_rstd(x_row, K, eps, False, NORM_K)
         acc = tl.zeros((BLOCK_N, C), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if AHEAD > 0:
@@ -603,9 +706,14 @@ def _kernels():
             else:
                 w = word_tile_at(w_ptr, w_off, k_pos, k0, k_hi)
             if EVEN_K:
-                xt = tl.load(x_row + k0 + x_off).to(tl.float32)                 # [C, 4]
+                xt = tl.load(x_row + k0 + x_off)                                 # [C, 4]
+                if NORM:
+                    xt = rms_scale(xt, tl.load(g_ptr + k0 + x_off), rstd, NORM_ASM)
             else:
-                xt = tl.load(x_row + k0 + x_off, mask=xk_pos + k0 < k_hi, other=0.0).to(tl.float32)
+                xt = tl.load(x_row + k0 + x_off, mask=xk_pos + k0 < k_hi, other=0.0)
+                if NORM:
+                    xt = rms_scale(xt, tl.load(g_ptr + k0 + x_off, mask=xk_pos + k0 < k_hi, other=0.0), rstd, NORM_ASM)
+            xt = xt.to(tl.float32)
             x02, x13 = tl.split(tl.reshape(xt, (C, 2, 2)))                      # [C, 2]: j = 0, 2 / 1, 3
             x0, x2 = tl.split(x02)                                               # [C] each
             x1, x3 = tl.split(x13)
@@ -633,13 +741,15 @@ def _kernels():
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
-                        rn, rn_in, stride_ym, SPLIT, True, GLU)
+                        rn, rn_in, stride_ym, SPLIT, True, GLU, RES, r)
 
     @triton.jit
     def int8_h2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
-                       GLU: tl.constexpr = False):
+                       GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
+                       r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
+                   NORM_ASM: tl.constexpr = False):
         # int8_fma's tiles and prefetch, with the products in packed half precision: x is read as int32 words
         # of two bf16 ([M, K/2]) and made fp16 pairs (x[4c], x[4c+1]), (x[4c+2], x[4c+3]); a weight word's
         # four codes, XORed with 0x80, become two fp16 pairs 1024 + 128 + q by two byte permutes under the
@@ -656,6 +766,11 @@ def _kernels():
         x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
         if PDL:
             tl.extra.cuda.gdc_wait()
+        r = 0.0
+        if RES:  # issued first: its round trip overlaps the rest
+            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        if NORM:
+            rstd = rms_rstd(x_row, K, eps, True, NORM_K)
         if ASM:
             acc = tl.zeros((BLOCK_N, C), tl.int32)  # two fp16 partial sums a word
         else:
@@ -668,8 +783,12 @@ def _kernels():
                 w = word_tile_at(w_ptr, w_off, k_pos, k0, k_hi)
             if EVEN_K:
                 xw = tl.load(x_row + k0 // 2 + x_off)                             # [C, 2] int32
+                if NORM:
+                    xw = rms_scale_pairs(xw, tl.load(g_ptr + k0 // 2 + x_off), rstd, ASM)
             else:
                 xw = tl.load(x_row + k0 // 2 + x_off, mask=xk_pos + k0 < k_hi, other=0)
+                if NORM:
+                    xw = rms_scale_pairs(xw, tl.load(g_ptr + k0 // 2 + x_off, mask=xk_pos + k0 < k_hi, other=0), rstd, ASM)
             x01, x23 = tl.split(xw)                                               # [C] each
             if ASM:
                 # bf16 pair -> fp16 pair: each half to fp32 bits, then one packing conversion
@@ -703,12 +822,14 @@ def _kernels():
         else:
             y = tl.sum(acc, axis=1)
         store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N, rn, rn_in, stride_ym,
-                        SPLIT, True, GLU)
+                        SPLIT, True, GLU, RES, r)
 
     @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
+                        AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False,
+                        NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
+                   NORM_ASM: tl.constexpr = False):
         # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
         # Program (block of BN rows of W, row m of x) x split s: groups s*per .. (s+1)*per - 1, one group a
         # step (words [BN, W], W = G/8: a thread holds a few rows of the same words, so each x it loads
@@ -730,6 +851,11 @@ def _kernels():
             sz2 = tl.load(sz_row + g_lo + 1, mask=row0 + g_lo + 1 < g_hi, other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()
+        r = 0.0
+        if RES:  # issued first: its round trip overlaps the rest
+            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        if NORM:
+            rstd = rms_rstd(x_row, K, eps, False, NORM_K)
         acc = tl.zeros((BLOCK_N, W), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
         for g in range(g_lo, g_hi):
@@ -744,7 +870,10 @@ def _kernels():
             cx = tl.zeros((W,), tl.float32)    # per word: sum of its 8 (128 or 2048) x
             part = tl.zeros((BLOCK_N, W), tl.float32)
             # x of the group as [W, 8] (16-byte loads), split into its 8 columns xs[j] = x[8w + j], [W] each
-            xt = tl.load(x_row + g * GROUP + 8 * rw[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)
+            xt = tl.load(x_row + g * GROUP + 8 * rw[:, None] + tl.arange(0, 8)[None, :])
+            if NORM:
+                xt = rms_scale(xt, tl.load(g_ptr + g * GROUP + 8 * rw[:, None] + tl.arange(0, 8)[None, :]), rstd, NORM_ASM)
+            xt = xt.to(tl.float32)
             x_even, x_odd = tl.split(tl.reshape(xt, (W, 4, 2)))                  # j = 0, 2, 4, 6 / 1, 3, 5, 7
             x04, x26 = tl.split(tl.reshape(x_even, (W, 2, 2)))                  # [W, 2]: j = 0, 4 / 2, 6
             x15, x37 = tl.split(tl.reshape(x_odd, (W, 2, 2)))
@@ -785,13 +914,15 @@ def _kernels():
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1) + zacc, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in,
-                        stride_ym, SPLIT, False, GLU)
+                        stride_ym, SPLIT, False, GLU, RES, r)
 
     @triton.jit
     def int4_h2_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                        stride_ym, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
-                       GLU: tl.constexpr = False):
+                       GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
+                       r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
+                   NORM_ASM: tl.constexpr = False):
         # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
         # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
         # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
@@ -808,6 +939,11 @@ def _kernels():
             p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP, BLOCK_N, SPLIT)
         if PDL:
             tl.extra.cuda.gdc_wait()
+        r = 0.0
+        if RES:  # issued first: its round trip overlaps the rest
+            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        if NORM:
+            rstd = rms_rstd(x_row, K, eps, True, NORM_K)
         if ASM:
             acc = tl.zeros((BLOCK_N, W), tl.int32)  # a pair of fp16 sums a word, over the groups so far
         else:
@@ -821,6 +957,8 @@ def _kernels():
                 words = tl.load(p_ptr + g * W + p_off)
                 sz = tl.load(sz_row + g)
             xw = tl.load(x_row + g * (GROUP // 2) + x_off)                       # [W, 4]: (x[8w+2i], x[8w+2i+1])
+            if NORM:
+                xw = rms_scale_pairs(xw, tl.load(g_ptr + g * (GROUP // 2) + x_off), rstd, ASM)
             xa, xb = tl.split(tl.reshape(xw, (W, 2, 2)))                          # [W, 2]: i = 0, 2 / 1, 3
             xw0, xw2 = tl.split(xa)
             xw1, xw3 = tl.split(xb)
@@ -866,7 +1004,8 @@ def _kernels():
             y = tl.sum(lo + hi, axis=1) + zacc
         else:
             y = tl.sum(acc, axis=1) + zacc
-        store_row_block(y, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in, stride_ym, SPLIT, False, GLU)
+        store_row_block(y, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in, stride_ym, SPLIT, False, GLU,
+                        RES, r)
 
     @triton.jit
     def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
@@ -1622,13 +1761,45 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
-def _run_dense(x2, w, scales, cfg, glu=False):
+FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2")  # kernels with NORM, RES
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm's arithmetic (what the kernels' NORM prologue reproduces), for the paths without it."""
+    dtype = x.dtype
+    x = x.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+def _check_residual(residual, M, N, glu):
+    if residual is not None and (residual.shape != (M, N // 2 if glu else N) or residual.dtype != torch.bfloat16
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"gemv: the residual must be a contiguous bf16 [{M}, {N // 2 if glu else N}] (the "
+                         f"output's shape), got {residual.dtype} {list(residual.shape)}")
+
+
+def _unfused(run, x2, cfg, glu, norm, residual):
+    """A config whose kernel lacks the NORM prologue or the residual epilogue (dot, mma, cuBLAS, kernel+silu):
+    the norm before it and the add after it as plain ops. run(x2, cfg, glu) runs the kernel."""
+    if norm is not None:
+        x2 = rms_norm(x2, *norm)
+    y = run(x2, cfg, glu)
+    return y if residual is None else residual + y
+
+
+def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None):
     """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma, bf16_mma or dot kernel with
     config cfg -> y bf16 [M, N], or with glu (W = [gate; up]) SiLU(gate) * up [M, N / 2]: the fma, h2 and mma
-    kernels in their epilogue, the others (dot, cuBLAS) through silu_mul after."""
-    if cfg[0].endswith("+silu"):  # the plain kernel, then SwiGLU by its own kernel
-        y = _run_dense(x2, w, scales, (cfg[0][:-5],) + tuple(cfg[1:]))
-        return silu_mul(y) if glu else y
+    kernels in their epilogue, the others (dot, cuBLAS) through silu_mul after. norm = (weight bf16 [K], eps):
+    RMSNorm(x2) instead of x2 (the fma and h2 kernels as they read x); residual [M, N']: added to the output."""
+    _check_residual(residual, x2.shape[0], w.shape[0], glu)
+    if (norm is not None or residual is not None) and cfg[0].removesuffix("+silu") not in FUSES_NORM_RES:
+        run = lambda x_, c, g: _run_dense(x_, w, scales, c, g)  # noqa: E731
+        return _unfused(run, x2, cfg, glu, norm, residual)
+    if cfg[0].endswith("+silu"):  # the plain kernel (with the norm), then SwiGLU by its own kernel
+        y = _run_dense(x2, w, scales, (cfg[0][:-5],) + tuple(cfg[1:]), False, norm)
+        y = silu_mul(y) if glu else y
+        return y if residual is None else residual + y
     kernel, block_n, block_k, warps, stages, split, ahead = _unpack(cfg)
     quant = scales is not None
     if kernel == "dequant":
@@ -1654,6 +1825,7 @@ def _run_dense(x2, w, scales, cfg, glu=False):
                   **_pdl_args(x2.device))
     if glu:
         common["GLU"] = True
+    common.update(_prologue_epilogue(norm, residual, K, pairs=kernel == "int8_h2"))
     s = scales if quant else w  # an unused pointer for bf16
     if kernel in ("int8_mma", "bf16_mma"):  # W and x as int32 words; a step of BLOCK_K columns = WPL words a lane
         words, xs = w.view(torch.int32), x2.view(torch.int32)  # times 16 (four int8 codes a word) or 8 (two bf16)
@@ -1696,12 +1868,30 @@ def _split_workspace(device: torch.device, n_part: int, n_count: int):
     return part, count
 
 
-def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False):
+def _prologue_epilogue(norm, residual, K, pairs):
+    """The kernel arguments of the NORM prologue and RES epilogue (pairs: the kernel reads x, and so the norm's
+    weight, as int32 words of two bf16)."""
+    args = {}
+    if norm is not None:
+        g, eps = norm
+        args.update(NORM=True, g_ptr=g.view(torch.int32) if pairs else g, eps=float(eps),
+                    NORM_K=1 << (K - 1).bit_length(), NORM_ASM=not _interpret())
+    if residual is not None:  # laid out as y (_check_residual)
+        args.update(RES=True, r_ptr=residual)
+    return args
+
+
+def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, residual=None):
     """int4 through int4_fma_kernel / int4_h2_kernel / int4_mma_kernel / int4_dot_kernel with config cfg
-    -> y bf16 [M, N], or SiLU(gate) * up [M, N / 2] with glu (as _run_dense)."""
-    if cfg[0].endswith("+silu"):  # the plain kernel, then SwiGLU by its own kernel
-        y = _run_int4(x2, packed, scales_zeros, group_size, (cfg[0][:-5],) + tuple(cfg[1:]))
-        return silu_mul(y) if glu else y
+    -> y bf16 [M, N], or SiLU(gate) * up [M, N / 2] with glu (norm, residual as _run_dense)."""
+    _check_residual(residual, x2.shape[0], packed.shape[0], glu)
+    if (norm is not None or residual is not None) and cfg[0].removesuffix("+silu") not in FUSES_NORM_RES:
+        run = lambda x_, c, g: _run_int4(x_, packed, scales_zeros, group_size, c, g)  # noqa: E731
+        return _unfused(run, x2, cfg, glu, norm, residual)
+    if cfg[0].endswith("+silu"):  # the plain kernel (with the norm), then SwiGLU by its own kernel
+        y = _run_int4(x2, packed, scales_zeros, group_size, (cfg[0][:-5],) + tuple(cfg[1:]), False, norm)
+        y = silu_mul(y) if glu else y
+        return y if residual is None else residual + y
     kernel, block_n, block_k, warps, stages = cfg
     if kernel == "dequant":
         y = F.linear(x2, int4_dequantize(packed, scales_zeros, group_size))
@@ -1729,6 +1919,7 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False):
                 flags["ONE_ROW"] = M == 1
         if glu:
             flags["GLU"] = True
+        flags.update(_prologue_epilogue(norm, residual, K, pairs=kernel != "int4_fma"))
         _kernels()[kernel][(grid[0], split)](
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
             *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps, num_stages=1,
@@ -1767,9 +1958,13 @@ def _check(x2, w, n_cols):
 
 # ---------------------------------------------------------------- the custom ops
 
-# glu=True (W = [gate; up], the fused gate_up projection): the ops return SiLU(gate) * up [M, N / 2] instead of
-# y [M, N], applied as the kernel stores its sums (a decode step then runs no separate SwiGLU kernel). Tuned
-# apart from the plain call of the same shape (op name "bf16_glu", ...).
+# glu=True (W = [gate; up], the fused gate/up projection): the ops return SiLU(gate) * up [M, N / 2] instead of
+# y [M, N], applied as the kernel stores its sums (a decode step then runs no separate SwiGLU kernel).
+# norm_weight (bf16 [K]) and eps: the op multiplies RMSNorm(x2) instead of x2 (model.RMSNorm's arithmetic), the
+# fma and h2 kernels normalizing x as they read it; residual (bf16, laid out as the output): added to the output
+# as they store it. With both, a decode step's block needs no kernels besides its linears and attention.
+# Tuned apart from the plain call of the same shape (op names "bf16_glu", "bf16_norm", ...; the residual's add
+# costs nothing to speak of and shares the plain tuning).
 
 def _out_cols(N: int, glu: bool) -> int:
     if glu and N % 2:
@@ -1777,92 +1972,156 @@ def _out_cols(N: int, glu: bool) -> int:
     return N // 2 if glu else N
 
 
+def _op_name(op: str, glu: bool, norm_weight) -> str:
+    return op + ("_norm" if norm_weight is not None else "") + ("_glu" if glu else "")
+
+
+def _fused_args(x2, norm_weight, eps, residual):
+    if norm_weight is not None and (norm_weight.shape != (x2.shape[1],) or norm_weight.dtype != x2.dtype):
+        raise ValueError(f"gemv: the norm weight must be {x2.dtype} [{x2.shape[1]}], got "
+                         f"{norm_weight.dtype} {list(norm_weight.shape)}")
+    norm = None if norm_weight is None else (norm_weight.contiguous(), eps)
+    return norm, None if residual is None else residual.contiguous()
+
+
 @torch.library.custom_op("flint::bf16_linear", mutates_args=())
-def bf16_linear(x2: torch.Tensor, w: torch.Tensor, glu: bool = False) -> torch.Tensor:
-    """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N] (glu: SiLU(gate) * up [M, N / 2])."""
+def bf16_linear(x2: torch.Tensor, w: torch.Tensor, glu: bool = False, norm_weight: Optional[torch.Tensor] = None,
+                eps: float = 0.0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N] (glu: SiLU(gate) * up [M, N / 2]; norm_weight: of
+    RMSNorm(x2); residual: + residual)."""
     _check(x2, w, w.shape[1])
     _out_cols(w.shape[0], glu)
+    norm, residual = _fused_args(x2, norm_weight, eps, residual)
     M, K = x2.shape
     if M > MAX_M or M == 0 or not available(x2):
-        return _run_dense(x2, w, None, DEQUANT, glu)
+        return _run_dense(x2, w, None, DEQUANT, glu, norm, residual)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    key = _key("bf16_glu" if glu else "bf16", M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("bf16", M, K, 0, glu), lambda c, w_: _run_dense(x2, w_, None, c, glu), x2.device, (w,))
-    return _run_dense(x2, w, None, cfg, glu)
+    key = _key(_op_name("bf16", glu, norm_weight), M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("bf16", M, K, 0, glu), lambda c, w_: _run_dense(x2, w_, None, c, glu, norm, residual),
+                x2.device, (w,))
+    return _run_dense(x2, w, None, cfg, glu, norm, residual)
 
 
 @bf16_linear.register_fake
-def _(x2, w, glu=False):
+def _(x2, w, glu=False, norm_weight=None, eps=0.0, residual=None):
     return x2.new_empty(x2.shape[0], _out_cols(w.shape[0], glu))
 
 
 @torch.library.custom_op("flint::int8_linear", mutates_args=())
-def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, glu: bool = False) -> torch.Tensor:
-    """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N] (glu: SiLU(gate) * up [M, N / 2])."""
+def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, glu: bool = False,
+                norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N] (glu, norm_weight, residual as
+    bf16_linear)."""
     _check(x2, w, w.shape[1])
     _out_cols(w.shape[0], glu)
+    norm, residual = _fused_args(x2, norm_weight, eps, residual)
     M, K = x2.shape
     if M > MAX_M or M == 0 or not available(x2):  # prefill: compute-bound, cuBLAS on a bf16 copy
-        return _run_dense(x2, w, scales, DEQUANT, glu)
+        return _run_dense(x2, w, scales, DEQUANT, glu, norm, residual)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    key = _key("int8_glu" if glu else "int8", M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("int8", M, K, 0, glu), lambda c, w_, s_: _run_dense(x2, w_, s_, c, glu), x2.device,
-                (w, scales))
-    return _run_dense(x2, w, scales, cfg, glu)
+    key = _key(_op_name("int8", glu, norm_weight), M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("int8", M, K, 0, glu),
+                lambda c, w_, s_: _run_dense(x2, w_, s_, c, glu, norm, residual), x2.device, (w, scales))
+    return _run_dense(x2, w, scales, cfg, glu, norm, residual)
 
 
 @int8_linear.register_fake
-def _(x2, w, scales, glu=False):
+def _(x2, w, scales, glu=False, norm_weight=None, eps=0.0, residual=None):
     return x2.new_empty(x2.shape[0], _out_cols(w.shape[0], glu))
 
 
 @torch.library.custom_op("flint::int4_linear", mutates_args=())
 def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
-                glu: bool = False) -> torch.Tensor:
+                glu: bool = False, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x2 bf16 [M, K] @ W^T -> bf16 [M, N], W = (q - 8) * scale + zero per group of group_size columns;
-    packed uint8 [N, K/2] (quantize.pack_nibbles), scales_zeros bf16 [N, K/G, 2] (glu: SiLU(gate) * up [M, N / 2])."""
+    packed uint8 [N, K/2] (quantize.pack_nibbles), scales_zeros bf16 [N, K/G, 2] (glu, norm_weight, residual as
+    bf16_linear)."""
     K = packed.shape[1] * 2
     _check(x2, packed, K)
     _out_cols(packed.shape[0], glu)
     if group_size % 32 or K % group_size or scales_zeros.shape != (packed.shape[0], K // group_size, 2):
         raise ValueError(f"gemv: int4 needs a group size that is a multiple of 32 dividing K={K} and "
                          f"scales_zeros [N, K/G, 2]; got G={group_size}, {list(scales_zeros.shape)}")
+    norm, residual = _fused_args(x2, norm_weight, eps, residual)
     M = x2.shape[0]
     if M > MAX_M or M == 0 or not available(x2):
-        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT, glu)
+        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT, glu, norm, residual)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     scales_zeros = scales_zeros.contiguous()
-    key = _key("int4_glu" if glu else "int4", M, packed.shape[0], K, group_size, x2.device)
+    key = _key(_op_name("int4", glu, norm_weight), M, packed.shape[0], K, group_size, x2.device)
     cfg = _pick(key, candidates("int4", M, K, group_size, glu),
-                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c, glu), x2.device, (packed, scales_zeros))
-    return _run_int4(x2, packed, scales_zeros, group_size, cfg, glu)
+                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c, glu, norm, residual), x2.device,
+                (packed, scales_zeros))
+    return _run_int4(x2, packed, scales_zeros, group_size, cfg, glu, norm, residual)
 
 
 @int4_linear.register_fake
-def _(x2, packed, scales_zeros, group_size, glu=False):
+def _(x2, packed, scales_zeros, group_size, glu=False, norm_weight=None, eps=0.0, residual=None):
     return x2.new_empty(x2.shape[0], _out_cols(packed.shape[0], glu))
 
 
 # ---------------------------------------------------------------- float linears of a model
 
+# The bf16 fma kernels normalize each x element they read for several rows of W at a time (the h2 kernels of
+# int8 and int4 a bf16 pair in 6 instructions): on the H200 at K = 4096 (llama-3-8b) that cost more than the
+# separate norm kernel it saves (251.5 tok/s with only the residual add in the kernels, 244.3-246.2 with the
+# norm too, 248.9 with neither); at K = 576 (SmolLM2-135M) both together gave 1921 against 1805 tok/s (the
+# norm's share not measured apart). So a bf16 Linear takes the norm into its kernel up to this many input
+# features; int8 and int4 always (434.3 against 423.2 tok/s at K = 4096).
+BF16_NORM_MAX_K = 1024
+
+
+def fusable(x: torch.Tensor, norm, bias) -> bool:
+    """Whether a linear's kernel takes the RMSNorm (norm = (weight, eps)) and the residual add of model.linear:
+    one row of bf16 x (a batch-1 decode step: every candidate kernel at one row has them; at more rows the
+    mma, dot and cuBLAS candidates would need them as separate ops, which inductor fuses better outside the
+    op), no bias (it comes before the residual), unless FLINT_GEMV_FUSE=0."""
+    return (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and bias is None
+            and (norm is None or norm[0].dtype == torch.bfloat16) and os.environ.get("FLINT_GEMV_FUSE", "1") != "0")
+
+
+def unfused(forward, x, glu, norm, residual):
+    """forward(x, glu) with model.linear's RMSNorm before it and residual add after it as plain ops."""
+    y = forward(x if norm is None else rms_norm(x, *norm), glu)
+    return y if residual is None else residual + y
+
+
 class Linear(torch.nn.Linear):
     """nn.Linear whose few-row calls (decode) go through bf16_linear: the same parameters, so it keeps
     ties and state-dict names. Anything else (prefill, other dtypes) is F.linear. forward(x, glu=True)
-    returns SiLU(gate) * up of a [gate; up] weight (model.FeedForward asks linears that set fuses_glu)."""
+    returns SiLU(gate) * up of a [gate; up] weight; norm = (weight, eps) multiplies RMSNorm(x) instead of x,
+    residual is added to the output (model.linear passes them to linears that set fuses_ops), inside the
+    kernel where fusable() says so."""
+    fuses_ops = True
 
     @property
     def fuses_glu(self) -> bool:
         return glu_enabled()
 
-    def forward(self, x, glu: bool = False):
+    def forward(self, x, glu: bool = False, norm=None, residual=None):
+        if (norm is not None or residual is not None) and (not fusable(x, norm, self.bias) or (glu and not self.fuses_glu)
+                                                            or self.weight.dtype != torch.bfloat16):
+            return unfused(self.forward, x, glu, norm, residual)
+        if glu and not self.fuses_glu:  # FLINT_GEMV_GLU=0
+            return silu_mul(self.forward(x))
+        if norm is not None and self.in_features > BF16_NORM_MAX_K:  # the norm as its own (inductor) kernel
+            x, norm = rms_norm(x, *norm), None
         rows = x.numel() // x.shape[-1]
         if (rows > MAX_M or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
                 or (glu and self.bias is not None)):  # a bias must come before the GLU: not in the epilogue
             y = F.linear(x, self.weight, self.bias)
             return silu_mul(y.reshape(rows, -1)).reshape(*x.shape[:-1], -1) if glu else y
-        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, glu)
+        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, glu, *fused_op_args(norm, residual))
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + self.bias if self.bias is not None else y
+
+
+def fused_op_args(norm, residual) -> tuple:
+    """The ops' norm_weight, eps, residual arguments from a linear's norm = (weight, eps) and residual."""
+    weight, eps = norm if norm is not None else (None, 0.0)
+    return weight, float(eps), None if residual is None else residual.reshape(-1, residual.shape[-1])
 
 
 def use_for_linears(model: torch.nn.Module) -> int:
@@ -1889,10 +2148,15 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
             continue
         # the gate/up projection runs with the GLU epilogue where the linear has one (model.FeedForward)
         glu = name.endswith("gate_up_proj") and getattr(m, "fuses_glu", False)
-        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None), glu)
+        # model.Block's norms go into qkv_proj and gate_up_proj at one row (fusable: tuned as "..._norm")
+        norm = (name.endswith("qkv_proj") or name.endswith("gate_up_proj")) and getattr(m, "fuses_ops", False)
+        shape = (type(m), m.in_features, m.out_features, getattr(m, "group_size", None), glu, norm)
         if shape in seen:  # tuning is keyed by shape: the other layers would only repeat it
             continue
         seen.add(shape)
         for rows in buckets:
             x = torch.zeros(rows, m.in_features, dtype=dtype, device=device)
             m(x, glu=True) if glu else m(x)
+            if norm and rows == 1:
+                kw = {"glu": True} if glu else {}
+                m(x, norm=(torch.ones(m.in_features, dtype=dtype, device=device), 1e-5), **kw)

@@ -10,6 +10,10 @@ Attention goes through a cache object handed in by the caller (kv.StaticKVCache,
     y = cache.layers[i].attend(q, k, v, input_pos, meta)   # layer i stores k, v and attends
 so the model never knows how or where keys and values are stored. With cache=None it runs plain
 causal attention over the tokens it is given (what a training loop or a logits test wants).
+
+A block's linears go through linear(layer, x, norm, glu, residual): residual + layer(norm(x)) with SwiGLU if
+asked. Plain nn.Linear gets exactly that; flint's GPU linears (gemv.py, quantize.py) do the norm, the SwiGLU and
+the residual add inside their matmul kernel in a decode step.
 """
 import functools
 import math
@@ -201,6 +205,20 @@ def _fuse_hf_tensors(module, state_dict, prefix, *_):
 
 # ---------------------------------------------------------------- modules
 
+def linear(layer, x, norm=None, glu=False, residual=None):
+    """residual + layer(norm(x)), with SwiGLU (SiLU(gate) * up of a [gate; up] output) if glu: a block's
+    linears with the ops around them. flint's GPU linears (gemv.Linear and quantize.py's, which set fuses_ops)
+    take the norm, the SwiGLU and the residual add into their one kernel in a decode step, so a block runs its
+    four matmuls and attention and nothing else; any other nn.Linear gets the plain ops."""
+    if getattr(layer, "fuses_ops", False):
+        return layer(x, glu=glu, norm=None if norm is None else (norm.weight, norm.eps), residual=residual)
+    y = layer(x if norm is None else norm(x))
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -224,10 +242,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.attn_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, input_pos, kv, meta):
+    def forward(self, x, cos, sin, input_pos, kv, meta, norm=None, residual=None):
+        # -> residual + attention(norm(x)) (norm, residual: the block's, see linear())
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)  # q, k and v heads side by side
+        qkv = linear(self.qkv_proj, x, norm).view(B, T, H + 2 * Hkv, self.head_dim)  # q, k and v heads side by side
         qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # one rotation for q and k heads together
         q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
         k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
@@ -237,7 +256,7 @@ class Attention(nn.Module):
         else:
             y = causal_attention(q, k, v, input_pos, self.window)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
-        return self.o_proj(y)
+        return linear(self.o_proj, y, residual=residual)
 
 
 def causal_attention(q, k, v, input_pos, window=None):
@@ -255,13 +274,9 @@ class FeedForward(nn.Module):
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # gate and up, one matmul
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
-    def forward(self, x):
-        if getattr(self.gate_up_proj, "fuses_glu", False):
-            # flint's GPU linears (gemv.py) apply SiLU(gate) * up as their kernel stores the sums: one
-            # kernel fewer per layer in a decode step
-            return self.down_proj(self.gate_up_proj(x, glu=True))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+    def forward(self, x, norm=None, residual=None):
+        # -> residual + SwiGLU MLP of norm(x) (norm, residual: the block's, see linear())
+        return linear(self.down_proj, linear(self.gate_up_proj, x, norm, glu=True), residual=residual)
 
 
 class Block(nn.Module):
@@ -273,8 +288,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x, cos, sin, input_pos, kv, meta):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # h = x + attention(norm(x)), then h + mlp(norm(h)): the norms and adds go to the linears (linear())
+        h = self.self_attn(x, cos, sin, input_pos, kv, meta, norm=self.input_layernorm, residual=x)
+        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
 
 
 def run_layers(layers, x, cos, sin, input_pos, kv_layers, meta):

@@ -169,12 +169,19 @@ class Int8Linear(nn.Module):
         """forward(x, glu=True) applies SwiGLU inside the kernel (gemv.py's epilogue; a bias would come first)."""
         return self.gemv and self.bias is None and gemv.glu_enabled()
 
-    def forward(self, x, glu: bool = False):
-        """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]."""
+    fuses_ops = True  # forward takes model.linear's norm and residual (see gemv.Linear)
+
+    def forward(self, x, glu: bool = False, norm=None, residual=None):
+        """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
+        (weight, eps): of RMSNorm(x); residual: added to the output (in gemv's kernel where it can)."""
+        if (norm is not None or residual is not None) and not (
+                self.gemv and gemv.fusable(x, norm, self.bias) and (self.fuses_glu or not glu)):
+            return gemv.unfused(self.forward, x, glu, norm, residual)
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         fused = glu and self.fuses_glu
         if self.gemv:
-            y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales, fused)
+            y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales, fused,
+                                            *gemv.fused_op_args(norm, residual))
         elif x.device.type == "cuda":  # without Triton: dequantize, then cuBLAS
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
@@ -258,9 +265,10 @@ class Int4Linear(nn.Module):
         """forward(x, glu=True) applies SwiGLU inside the kernel (gemv.py's epilogue; a bias would come first)."""
         return self.layout == "gemv" and self.bias is None and gemv.glu_enabled()
 
-    def _mm(self, x2, scales_and_zeros, glu=False):
+    def _mm(self, x2, scales_and_zeros, glu=False, norm=None, residual=None):
         if self.layout == "gemv":
-            return torch.ops.flint.int4_linear(x2, self.weight, scales_and_zeros, self.group_size, glu)
+            return torch.ops.flint.int4_linear(x2, self.weight, scales_and_zeros, self.group_size, glu,
+                                               *gemv.fused_op_args(norm, residual))
         if x2.device.type == "cuda":  # tinygemm: ~0.38 of copy bandwidth at batch 1
             return torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, scales_and_zeros)
@@ -286,13 +294,20 @@ class Int4Linear(nn.Module):
         """fp32 [N, in_features]."""
         return int4_dequantize(self.codes(), *self.scales_zeros())[:, : self.in_features]
 
-    def forward(self, x, glu: bool = False):
-        """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]."""
+    fuses_ops = True  # forward takes model.linear's norm and residual (see gemv.Linear)
+
+    def forward(self, x, glu: bool = False, norm=None, residual=None):
+        """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
+        (weight, eps): of RMSNorm(x); residual: added to the output (in gemv's kernel where it can)."""
+        if (norm is not None or residual is not None) and not (
+                self.layout == "gemv" and self.k_padded == self.in_features and gemv.fusable(x, norm, self.bias)
+                and (self.fuses_glu or not glu)):
+            return gemv.unfused(self.forward, x, glu, norm, residual)
         x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)  # [M, K]
         if self.k_padded != self.in_features:
             x2 = F.pad(x2, (0, self.k_padded - self.in_features))
         fused = glu and self.fuses_glu
-        y = self._mm(x2.contiguous(), self.scales_and_zeros, fused)
+        y = self._mm(x2.contiguous(), self.scales_and_zeros, fused, norm, residual)
         return _finish(y.to(x.dtype), self.bias, glu and not fused, x.shape)
 
     def extra_repr(self):

@@ -309,6 +309,108 @@ def test_feed_forward_uses_the_glu_epilogue(gemv_layout):
         torch.testing.assert_close(q(x, glu=True).float(), glu_ref(q(x)).to(DEVICE), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("op", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("peel", [False, True])
+def test_norm_prologue_and_residual_epilogue_every_config(monkeypatch, op, peel):
+    # norm_weight: the op multiplies RMSNorm(x) (model.RMSNorm's arithmetic), the fma and h2 kernels normalizing
+    # x as they read it (each program reads its row whole for the rms); residual: added as the kernels store.
+    # Every one-row candidate (those without them: the norm and the add as plain ops) against
+    # residual + plain(rms_norm(x)): the same sums, so within an ulp or two of bf16 (the kernel's rsqrt and
+    # sum order may round an element of the normalized x the other way); with GLU too; K splits; the peeled
+    # first step (PDL's path). x of a few hundred, as a residual stream is: the h2 kernels' fp16 products need
+    # the normalized x, not the raw one.
+    monkeypatch.setattr(gemv, "_PEEL_WITHOUT_PDL", peel)
+    N, K, G = 98, 384, 64
+    x, w = problem(1, N, K)
+    x = (x.float() * 300).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(torch.bfloat16)
+    res = (10 * torch.randn(1, N, generator=gen)).to(torch.bfloat16)
+    res_glu = (10 * torch.randn(1, N // 2, generator=gen)).to(torch.bfloat16)
+    if op == "int4":
+        x, packed, sz, _ = int4_problem(1, N, K, G)
+        x = (x.float().cpu() * 300).to(torch.bfloat16).to(DEVICE)
+        run = lambda cfg, xx, glu, norm, r: gemv._run_int4(xx, packed, sz, G, cfg, glu, norm, r)  # noqa: E731
+    else:
+        wq, scales = (w.to(torch.bfloat16), None) if op == "bf16" else Q.int8_quantize(w)
+        wq, scales = wq.to(DEVICE), None if scales is None else scales.to(DEVICE)
+        run = lambda cfg, xx, glu, norm, r: gemv._run_dense(xx, wq, scales, cfg, glu, norm, r)  # noqa: E731
+    x, g, res, res_glu = x.to(DEVICE), g.to(DEVICE), res.to(DEVICE), res_glu.to(DEVICE)
+    xn = gemv.rms_norm(x, g, 1e-5)
+    for glu in (False, True):
+        r = res_glu if glu else res
+        configs = gemv.candidates(op, 1, K, G if op == "int4" else 0, glu=glu)
+        configs += [("fma", 8, 128, 4, 1, 2, 1)] if op != "int4" else [("int4_h2", 32, 3, 1, 1)]  # K splits
+        for cfg in configs:
+            want = (run(cfg, xn, glu, None, None).float() + r.float()).cpu()
+            got = run(cfg, x, glu, (g, 1e-5), r).float().cpu()
+            assert got.shape == want.shape
+            err = (got - want).abs()
+            assert (err <= 2 ** -7 * want.abs() + 2 ** -9 * want.abs().max()).all(), (cfg, glu, err.max())
+    # the op: its own tuning key, the same result
+    if op == "bf16":
+        got = gemv.bf16_linear(x, wq, False, g, 1e-5, res)
+    elif op == "int8":
+        got = gemv.int8_linear(x, wq, scales, False, g, 1e-5, res)
+    else:
+        got = gemv.int4_linear(x, packed, sz, G, False, g, 1e-5, res)
+    want = (run(gemv.candidates(op, 1, K, G)[0], xn, False, None, None).float() + res.float()).cpu()
+    assert ((got.float().cpu() - want).abs() <= 2 ** -7 * want.abs() + 2 ** -9 * want.abs().max()).all()
+    assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
+    with pytest.raises(ValueError, match="residual"):
+        run(gemv.candidates(op, 1, K, G)[0], x, False, None, res[:, :5].contiguous())
+
+
+def test_block_fuses_its_norms_and_adds(gemv_layout):
+    # model.Block hands its RMSNorms and residual adds to the linears (model.linear): gemv.Linear and the
+    # quantized linears in the gemv layout take them into their kernels at one row (fusable), the plain ops at
+    # more rows; the block's output matches the same block on plain nn.Linears, bf16, for one row and a prefill
+    from model import Block, ModelArgs, rope_cos_sin, rope_inv_freq
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, n_layers=1, vocab_size=32)
+    plain = Block(args, 0).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        for norm in (plain.input_layernorm, plain.post_attention_layernorm):
+            norm.weight.copy_(1 + 0.3 * torch.randn(64))
+    fused = Block(args, 0).to(DEVICE, torch.bfloat16)
+    fused.load_state_dict(plain.state_dict())
+    gemv.use_for_linears(fused)
+    quant = Block(args, 0).to(DEVICE, torch.bfloat16)
+    quant.load_state_dict(plain.state_dict())
+    for name in ("qkv_proj", "o_proj"):
+        setattr(quant.self_attn, name, Q.Int8Linear.from_float(getattr(plain.self_attn, name)))
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(quant.mlp, name, Q.Int4Linear.from_float(getattr(plain.mlp, name), 32))
+    quant_ref = Block(args, 0).to(DEVICE, torch.bfloat16)
+    quant_ref.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        quant_ref.self_attn.qkv_proj.weight.copy_(quant.self_attn.qkv_proj.dequantize())
+        quant_ref.self_attn.o_proj.weight.copy_(quant.self_attn.o_proj.dequantize())
+        quant_ref.mlp.gate_up_proj.weight.copy_(quant.mlp.gate_up_proj.dequantize())
+        quant_ref.mlp.down_proj.weight.copy_(quant.mlp.down_proj.dequantize())
+    calls = []
+    for name, n_args in (("_run_dense", 7), ("_run_int4", 8)):  # (..., norm, residual) last
+        def spy(*a, _run=getattr(gemv, name), _n=n_args):
+            full = a + (None,) * (_n - len(a))
+            calls.append((a[0].shape[0], full[-2] is not None or full[-1] is not None))  # (rows, norm or residual)
+            return _run(*a)
+        gemv_layout.setattr(gemv, name, spy)
+    inv_freq, factor = rope_inv_freq(args)
+    for T in (1, 5):
+        x = (4 * torch.randn(1, T, 64)).to(DEVICE, torch.bfloat16)
+        pos = torch.arange(T, device=DEVICE)[None]
+        cos, sin = rope_cos_sin(inv_freq.to(DEVICE), pos, factor, torch.bfloat16)
+        with torch.no_grad():
+            for block, ref in ((fused, plain), (quant, quant_ref)):
+                want = ref(x, cos, sin, pos, None, None).float()
+                got = block(x, cos, sin, pos, None, None).float()
+                assert ((got - want).abs() <= 2 ** -5 * want.abs() + 2 ** -6 * want.abs().max()).all(), (T, block)
+    # at one row the two blocks' eight linears took their norm or residual (four each), at 5 rows none did
+    assert sum(1 for rows, fused_ops in calls if rows == 1 and fused_ops) == 8
+    assert not any(fused_ops for rows, fused_ops in calls if rows == 5)
+
+
 def test_bf16_mma_falls_back_where_w_or_x_are_not_words():
     # bf16_mma reads W and x as int32 words of two bf16: an odd K, an odd row stride or more than 8 rows run
     # the default fma config instead, with the same result
@@ -501,9 +603,10 @@ def test_tune_linears_picks_a_config_for_every_row_bucket_once_per_shape(monkeyp
 @pytest.fixture
 def gemv_layout(monkeypatch):
     """Modules built while this is active take the layout and kernels they would on a CUDA machine with
-    Triton (here run by the interpreter)."""
+    Triton (here run by the interpreter). -> the monkeypatch."""
     monkeypatch.setattr(Q, "use_gemv", lambda device: True)
     monkeypatch.delenv("FLINT_GEMV_INT4", raising=False)  # the default: gemv's int4 kernels (0 would be tinygemm)
+    return monkeypatch
 
 
 def test_linear_swap_uses_bf16_gemv_for_few_rows_only():
