@@ -94,6 +94,9 @@ after the wait and adds it as it stores. A llama block's decode step is then qkv
 o_proj, gate_up, down_proj: no norm, add or SwiGLU kernels (RoPE stays, one inductor kernel). On the H200:
 int8 +2.6%, bf16 +1.0% with the residual add only (BF16_NORM_MAX_K), SmolLM2 preset +6.4%. The other kernels
 (dot, mma, cuBLAS) get the norm and the add as plain ops. FLINT_GEMV_FUSE=0: model.py's own norms and adds.
+RoPE in the q/k/v matmul's epilogue (rope_cos, rope_sin [M, D], rope_rows; FLINT_GEMV_ROPE=1, off until measured
+on a GPU): a program's BLOCK_N rows are rows i.. and i + D/2.. of one head (BLOCK_N dividing D), rotated as they
+are stored (the first rope_rows outputs: q and k; v as is); otherwise the linears rotate after the kernel.
 Compiled for sm_90 by Triton 3.6 (the H200's; ptxas SASS counted over the inner loop, pointers and strides
 16-byte aligned as a launch specializes them) the fma loops issue ~3.5-4.1 (bf16), ~4.9-5.3 (int8 fma),
 ~4.0-4.5 (fma_prmt), ~3.9-4.7 (int8_fma) and ~3.4-3.9 (int4 at G = 128; 8.4-9.8 before the int4 rewrite)
@@ -175,26 +178,36 @@ def _kernels():
         return (g * tl.sigmoid(g) * u.to(ty).to(tl.float32)).to(ty)
 
     @triton.jit
-    def store_rows(y, y_ptr, m, N, rn, stride_ym, GLU: tl.constexpr, RES: tl.constexpr = False, r=None):
+    def store_rows(y, y_ptr, m, N, rn, stride_ym, GLU: tl.constexpr, RES: tl.constexpr = False, r=None,
+                   ROPE_D: tl.constexpr = 0, cos=None, sin=None, rope_rows=0):
         # y [BN] fp32, final sums of rows rn of W for row m of x, stored as y's dtype; with GLU the block's first
         # half are gate rows j and its second half their up rows (row_block), and SiLU(gate) * up goes to column
         # j of y [M, N / 2]. RES: plus the residual r (load_residual's, the same columns), added to the rounded
         # output in fp32 and rounded once, as the unfused `r + linear(x)` does
         ty = y_ptr.dtype.element_ty
-        if GLU:
-            g, u = tl.split(tl.permute(tl.reshape(y, (2, y.shape[0] // 2)), (1, 0)))       # [BN / 2] each
-            j, _ = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))     # gate rows = columns
-            out, col, n_out = silu_up(g, u, ty), j, N // 2
+        if ROPE_D > 0:  # rows i and i + D/2 of a head (row_block): rotated if in the first rope_rows, as stored
+            a, b = tl.split(tl.permute(tl.reshape(y, (2, y.shape[0] // 2)), (1, 0)))       # [BN / 2] each
+            ra, rb = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))
+            a, b = a.to(ty).to(tl.float32), b.to(ty).to(tl.float32)
+            c, s = cos.to(tl.float32), sin.to(tl.float32)
+            rot = ra < rope_rows
+            tl.store(y_ptr + m * stride_ym + ra, tl.where(rot, a * c - b * s, a).to(ty), mask=ra < N)
+            tl.store(y_ptr + m * stride_ym + rb, tl.where(rot, b * c + a * s, b).to(ty), mask=rb < N)
         else:
-            out, col, n_out = y.to(ty), rn, N
-        if RES:
-            out = (out.to(tl.float32) + r.to(tl.float32)).to(ty)
-        tl.store(y_ptr + m * stride_ym + col, out, mask=col < n_out)
+            if GLU:
+                g, u = tl.split(tl.permute(tl.reshape(y, (2, y.shape[0] // 2)), (1, 0)))       # [BN / 2] each
+                j, _ = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))     # gate rows = columns
+                out, col, n_out = silu_up(g, u, ty), j, N // 2
+            else:
+                out, col, n_out = y.to(ty), rn, N
+            if RES:
+                out = (out.to(tl.float32) + r.to(tl.float32)).to(ty)
+            tl.store(y_ptr + m * stride_ym + col, out, mask=col < n_out)
 
     @triton.jit
     def store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, split, m, M, N, rn, rn_in, stride_ym,
                         SPLIT: tl.constexpr, SCALE: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr = False,
-                        r=None):
+                        r=None, ROPE_D: tl.constexpr = 0, cos=None, sin=None, rope_rows=0):
         # y [BN] fp32: this program's sums for rows rn of W and row m of x, over its share of K. Without
         # a split: (* scale) and store. With one: the partial sums go to the workspace; the last of the
         # SPLIT programs of this (block, m) to finish adds them up, stores y and sets the counter back
@@ -202,7 +215,7 @@ def _kernels():
         if SPLIT == 1:
             if SCALE:
                 y *= tl.load(s_ptr + rn_in).to(tl.float32)
-            store_rows(y, y_ptr, m, N, rn, stride_ym, GLU, RES, r)
+            store_rows(y, y_ptr, m, N, rn, stride_ym, GLU, RES, r, ROPE_D, cos, sin, rope_rows)
         else:
             tl.store(part_ptr + (split * M + m) * N + rn, y, mask=rn < N)
             tl.debug_barrier()  # every thread's store before the counter moves
@@ -213,7 +226,8 @@ def _kernels():
                     total += tl.load(part_ptr + (t * M + m) * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
                 if SCALE:
                     total *= tl.load(s_ptr + rn_in).to(tl.float32)
-                store_rows(total, y_ptr, m, N, rn, stride_ym, GLU, RES, r)
+                store_rows(total, y_ptr, m, N, rn, stride_ym, GLU, RES, r, ROPE_D, cos, sin,
+                           rope_rows)
                 tl.atomic_xchg(count_ptr + pid, 0)
 
     @triton.jit
@@ -226,6 +240,14 @@ def _kernels():
         else:
             col, n_out = rn, N
         return tl.load(r_ptr + m * stride_ym + col, mask=col < n_out, other=0.0)
+
+    @triton.jit
+    def load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D: tl.constexpr):
+        # RoPE's cos and sin (rows of x [M, D]) for the first half of the block's rows (row_block with ROPE_D):
+        # index i of the head; its partner i + D/2 has the same angle
+        ra, _ = tl.split(tl.permute(tl.reshape(rn, (2, rn.shape[0] // 2)), (1, 0)))
+        i = ra % ROPE_D
+        return tl.load(cos_ptr + m * ROPE_D + i), tl.load(sin_ptr + m * ROPE_D + i)
 
     @triton.jit
     def rms_rstd(x_row, K, eps, PAIRS: tl.constexpr, NORM_K: tl.constexpr):
@@ -289,13 +311,22 @@ def _kernels():
         return g_lo, tl.minimum(g_lo + per, n_groups)
 
     @triton.jit
-    def row_block(M, N, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
+    def row_block(M, N, BLOCK_N: tl.constexpr, GLU: tl.constexpr, ROPE_D: tl.constexpr = 0):
         # a program of the fma and h2 kernels (one per block of BLOCK_N rows of W and row of x, rows of x
         # fastest): its row m of x, its rows rn of W, and rn clamped into W (loads stay in bounds, stores mask).
         # GLU (W = [gate; up], N = 2F): the block's rows are gate rows j0 .. j0 + BN/2 - 1, then up rows F + j0 ..,
         # so a program holds both halves of its BN / 2 outputs (halves, not interleaved pairs: on the H200 the
         # interleaved rows read W ~5% slower); rn is N (masked) past the last output
+        # ROPE_D (q/k/v heads of ROPE_D rows, ROPE_D % BN == 0): the block's rows are rows i0 .. i0 + BN/2 - 1 of a
+        # head, then the rows D/2 further that RoPE rotates with them
         pid = tl.program_id(0)
+        if ROPE_D > 0:
+            r = tl.arange(0, BLOCK_N)
+            blk = pid // M
+            head = blk // (ROPE_D // BLOCK_N)
+            i0 = (blk % (ROPE_D // BLOCK_N)) * (BLOCK_N // 2)
+            rn = head * ROPE_D + (r // (BLOCK_N // 2)) * (ROPE_D // 2) + i0 + r % (BLOCK_N // 2)   # [BN]
+            return pid % M, rn, tl.minimum(rn, N - 1)
         if GLU:
             r = tl.arange(0, BLOCK_N)
             half = N // 2
@@ -506,7 +537,7 @@ def _kernels():
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
     globals().update(silu_up=silu_up, store_rows=store_rows, store_row_block=store_row_block, k_range=k_range,
-                     rms_rstd=rms_rstd, load_residual=load_residual, rms_scale=rms_scale, rms_scale_pairs=rms_scale_pairs,
+                     rms_rstd=rms_rstd, load_residual=load_residual, load_rope=load_rope, rms_scale=rms_scale, rms_scale_pairs=rms_scale_pairs,
                      group_range=group_range, row_block=row_block, word_tile_at=word_tile_at,
                      int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
                      int8_to_f32=int8_to_f32, unstack4=unstack4, unstack=unstack, f16_bits=f16_bits,
@@ -521,12 +552,13 @@ def _kernels():
                    STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
                    PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False, NORM: tl.constexpr = False,
                    RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False):
+                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
+                   cos_ptr=None, sin_ptr=None, rope_rows=0):
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
         # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1); int8 made fp32 by int8_to_f32.
         # NORM: x is RMSNorm(x) with weight g (rms_rstd, rms_scale) as it is read; RES: y + r (store_rows).
         pid = tl.program_id(0)
-        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU, ROPE_D)
         rk = tl.arange(0, BLOCK_K)                                             # [BK]
         w_off = rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]          # [BN, BK]
         # x as a [BN, BK] tile whose rows are all x[m]: it gets w's register layout, so no shuffles; the
@@ -546,6 +578,9 @@ def _kernels():
                 r = 0.0
                 if RES:  # issued first: its round trip overlaps the rest
                     r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+                cos, sin = 0.0, 0.0
+                if ROPE_D > 0:
+                    cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
                 x = tl.load(x_row + k_lo + x_off, mask=in_k, other=0.0)
                 if NORM:
                     rstd = rms_rstd(x_row, K, eps, False, NORM_K)
@@ -558,6 +593,9 @@ def _kernels():
                 r = 0.0
                 if RES:  # issued first: its round trip overlaps the rest
                     r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+                cos, sin = 0.0, 0.0
+                if ROPE_D > 0:
+                    cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
                 if NORM:
                     rstd = rms_rstd(x_row, K, eps, False, NORM_K)
             for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):
@@ -591,6 +629,9 @@ def _kernels():
             r = 0.0
             if RES:  # issued first: its round trip overlaps the rest
                 r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+            cos, sin = 0.0, 0.0
+            if ROPE_D > 0:
+                cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
             if NORM:
                 rstd = rms_rstd(x_row, K, eps, False, NORM_K)
             for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -614,7 +655,7 @@ def _kernels():
         if PDL:  # the next kernel may launch now and wait for this one's end in its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
-                        rn, rn_in, stride_ym, SPLIT, QUANT, GLU, RES, r)
+                        rn, rn_in, stride_ym, SPLIT, QUANT, GLU, RES, r, ROPE_D, cos, sin, rope_rows)
 
     @triton.jit
     def dot_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -678,14 +719,15 @@ def _kernels():
                         AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                         GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
                         r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False):
+                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
+                   cos_ptr=None, sin_ptr=None, rope_rows=0):
         # w: int8 [N, K] read as int32 words [N, K/4] (code 4c + j in byte j), one row m of x per program,
         # tiles of [BN, BK/4] words loaded AHEAD tiles before their math (0: none). A word's four bytes,
         # XORed with 0x80 (q + 128 >= 0), each become the fp32 2^23 + 128 + q with one byte permute (PTX prmt
         # when ASM; the same with shifts and masks otherwise), minus 2^23 + 128 in one FADD.
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
-        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU, ROPE_D)
         w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
         x_off, xk_pos = int8_x_tile(C, 4, EVEN_K)                                # [C, 4]: x of word c, byte j
         x_row = x_ptr + m * stride_xm
@@ -696,6 +738,9 @@ def _kernels():
         r = 0.0
         if RES:  # issued first: its round trip overlaps the rest
             r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        cos, sin = 0.0, 0.0
+        if ROPE_D > 0:
+            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, False, NORM_K)
         acc = tl.zeros((BLOCK_N, C), tl.float32)
@@ -741,7 +786,7 @@ def _kernels():
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1), y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N,
-                        rn, rn_in, stride_ym, SPLIT, True, GLU, RES, r)
+                        rn, rn_in, stride_ym, SPLIT, True, GLU, RES, r, ROPE_D, cos, sin, rope_rows)
 
     @triton.jit
     def int8_h2_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
@@ -749,7 +794,8 @@ def _kernels():
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False):
+                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
+                   cos_ptr=None, sin_ptr=None, rope_rows=0):
         # int8_fma's tiles and prefetch, with the products in packed half precision: x is read as int32 words
         # of two bf16 ([M, K/2]) and made fp16 pairs (x[4c], x[4c+1]), (x[4c+2], x[4c+3]); a weight word's
         # four codes, XORed with 0x80, become two fp16 pairs 1024 + 128 + q by two byte permutes under the
@@ -760,7 +806,7 @@ def _kernels():
         # K stay short (a few dozen products).
         C: tl.constexpr = BLOCK_K // 4
         pid = tl.program_id(0)
-        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU, ROPE_D)
         w_off, k_lo, k_hi, k_pos, w = int8_word_tile(w_ptr, rn_in, stride_wn, K, BLOCK_N, BLOCK_K, EVEN_K, SPLIT)
         x_off, xk_pos = int8_x_tile(C, 2, EVEN_K)                                # [C, 2]: x word 2c + i (bf16 pairs)
         x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
@@ -769,6 +815,9 @@ def _kernels():
         r = 0.0
         if RES:  # issued first: its round trip overlaps the rest
             r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        cos, sin = 0.0, 0.0
+        if ROPE_D > 0:
+            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, True, NORM_K)
         if ASM:
@@ -822,14 +871,15 @@ def _kernels():
         else:
             y = tl.sum(acc, axis=1)
         store_row_block(y, y_ptr, s_ptr, part_ptr, count_ptr, pid, tl.program_id(1), m, M, N, rn, rn_in, stride_ym,
-                        SPLIT, True, GLU, RES, r)
+                        SPLIT, True, GLU, RES, r, ROPE_D, cos, sin, rope_rows)
 
     @triton.jit
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False,
                         NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False):
+                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
+                   cos_ptr=None, sin_ptr=None, rope_rows=0):
         # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
         # Program (block of BN rows of W, row m of x) x split s: groups s*per .. (s+1)*per - 1, one group a
         # step (words [BN, W], W = G/8: a thread holds a few rows of the same words, so each x it loads
@@ -838,7 +888,7 @@ def _kernels():
         W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU, ROPE_D)
         rw = tl.arange(0, W)
         x_row = x_ptr + m * stride_xm
         # the first groups' words and scales load while the previous kernel (which writes x) still runs; each
@@ -854,6 +904,9 @@ def _kernels():
         r = 0.0
         if RES:  # issued first: its round trip overlaps the rest
             r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        cos, sin = 0.0, 0.0
+        if ROPE_D > 0:
+            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, False, NORM_K)
         acc = tl.zeros((BLOCK_N, W), tl.float32)
@@ -914,7 +967,7 @@ def _kernels():
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         store_row_block(tl.sum(acc, axis=1) + zacc, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in,
-                        stride_ym, SPLIT, False, GLU, RES, r)
+                        stride_ym, SPLIT, False, GLU, RES, r, ROPE_D, cos, sin, rope_rows)
 
     @triton.jit
     def int4_h2_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
@@ -922,7 +975,8 @@ def _kernels():
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False):
+                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
+                   cos_ptr=None, sin_ptr=None, rope_rows=0):
         # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
         # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
         # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
@@ -932,7 +986,7 @@ def _kernels():
         W: tl.constexpr = GROUP // 8
         pid = tl.program_id(0)
         s = tl.program_id(1)
-        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU)
+        m, rn, rn_in = row_block(M, N, BLOCK_N, GLU, ROPE_D)
         x_off = 4 * tl.arange(0, W)[:, None] + tl.arange(0, 4)[None, :]          # [W, 4]: x word 4w + i
         x_row = x_ptr + m * stride_xm                                             # x as int32 words
         p_off, sz_row, g_lo, g_hi, tile0, row0, words, sz = int4_group_tile(
@@ -942,6 +996,9 @@ def _kernels():
         r = 0.0
         if RES:  # issued first: its round trip overlaps the rest
             r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        cos, sin = 0.0, 0.0
+        if ROPE_D > 0:
+            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, True, NORM_K)
         if ASM:
@@ -1005,7 +1062,7 @@ def _kernels():
         else:
             y = tl.sum(acc, axis=1) + zacc
         store_row_block(y, y_ptr, sz_ptr, part_ptr, count_ptr, pid, s, m, M, N, rn, rn_in, stride_ym, SPLIT, False, GLU,
-                        RES, r)
+                        RES, r, ROPE_D, cos, sin, rope_rows)
 
     @triton.jit
     def int4_dot_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_szn, stride_ym,
@@ -1778,24 +1835,50 @@ def _check_residual(residual, M, N, glu):
                          f"output's shape), got {residual.dtype} {list(residual.shape)}")
 
 
-def _unfused(run, x2, cfg, glu, norm, residual):
-    """A config whose kernel lacks the NORM prologue or the residual epilogue (dot, mma, cuBLAS, kernel+silu):
-    the norm before it and the add after it as plain ops. run(x2, cfg, glu) runs the kernel."""
+def rope_heads(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: int) -> torch.Tensor:
+    """RoPE on the first `rows` columns of y [..., N] (heads of D = cos.shape[-1] columns, model.apply_rope's
+    halves), cos and sin broadcasting against y [..., N / D, D]; in fp32, rounded once (as inductor's kernel)."""
+    D = cos.shape[-1]
+    heads = y.unflatten(-1, (-1, D))                                     # [..., N / D, D]
+    q = heads[..., : rows // D, :].float()
+    q1, q2 = q.chunk(2, dim=-1)
+    rotated = (q * cos.float() + torch.cat((-q2, q1), dim=-1) * sin.float()).to(y.dtype)
+    return torch.cat((rotated, heads[..., rows // D:, :]), dim=-2).flatten(-2)
+
+
+def _unfused(run, x2, cfg, glu, norm, residual, rope=None):
+    """A config whose kernel lacks the NORM prologue, the residual or the RoPE epilogue (dot, mma, cuBLAS,
+    kernel+silu): the norm before it, the add or the rotation after it as plain ops. run(x2, cfg, glu) runs
+    the kernel."""
     if norm is not None:
         x2 = rms_norm(x2, *norm)
     y = run(x2, cfg, glu)
+    if rope is not None:
+        cos, sin, rows = rope
+        y = rope_heads(y, cos[:, None], sin[:, None], rows)
     return y if residual is None else residual + y
 
 
-def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None):
+def _rope_fits(cfg, rope, glu, residual) -> bool:
+    """Whether a config's kernel can rotate its rows as it stores them: a program's BLOCK_N rows are halves of
+    one head (row_block), so BLOCK_N must divide the head dim; not with GLU or a residual."""
+    block_n = cfg[1]
+    return (not glu and residual is None and not cfg[0].endswith("+silu") and block_n >= 2
+            and rope[0].shape[1] % block_n == 0)
+
+
+def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None, rope=None):
     """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma, bf16_mma or dot kernel with
     config cfg -> y bf16 [M, N], or with glu (W = [gate; up]) SiLU(gate) * up [M, N / 2]: the fma, h2 and mma
     kernels in their epilogue, the others (dot, cuBLAS) through silu_mul after. norm = (weight bf16 [K], eps):
-    RMSNorm(x2) instead of x2 (the fma and h2 kernels as they read x); residual [M, N']: added to the output."""
+    RMSNorm(x2) instead of x2 (the fma and h2 kernels as they read x); residual [M, N']: added to the output;
+    rope = (cos, sin [M, D] bf16, rows): RoPE on the output's first rows columns (heads of D)."""
     _check_residual(residual, x2.shape[0], w.shape[0], glu)
-    if (norm is not None or residual is not None) and cfg[0].removesuffix("+silu") not in FUSES_NORM_RES:
+    if ((norm is not None or residual is not None or rope is not None)
+            and (cfg[0].removesuffix("+silu") not in FUSES_NORM_RES
+                 or (rope is not None and not _rope_fits(cfg, rope, glu, residual)))):
         run = lambda x_, c, g: _run_dense(x_, w, scales, c, g)  # noqa: E731
-        return _unfused(run, x2, cfg, glu, norm, residual)
+        return _unfused(run, x2, cfg, glu, norm, residual, rope)
     if cfg[0].endswith("+silu"):  # the plain kernel (with the norm), then SwiGLU by its own kernel
         y = _run_dense(x2, w, scales, (cfg[0][:-5],) + tuple(cfg[1:]), False, norm)
         y = silu_mul(y) if glu else y
@@ -1825,7 +1908,7 @@ def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None):
                   **_pdl_args(x2.device))
     if glu:
         common["GLU"] = True
-    common.update(_prologue_epilogue(norm, residual, K, pairs=kernel == "int8_h2"))
+    common.update(_prologue_epilogue(norm, residual, K, pairs=kernel == "int8_h2", rope=rope))
     s = scales if quant else w  # an unused pointer for bf16
     if kernel in ("int8_mma", "bf16_mma"):  # W and x as int32 words; a step of BLOCK_K columns = WPL words a lane
         words, xs = w.view(torch.int32), x2.view(torch.int32)  # times 16 (four int8 codes a word) or 8 (two bf16)
@@ -1868,7 +1951,7 @@ def _split_workspace(device: torch.device, n_part: int, n_count: int):
     return part, count
 
 
-def _prologue_epilogue(norm, residual, K, pairs):
+def _prologue_epilogue(norm, residual, K, pairs, rope=None):
     """The kernel arguments of the NORM prologue and RES epilogue (pairs: the kernel reads x, and so the norm's
     weight, as int32 words of two bf16)."""
     args = {}
@@ -1878,16 +1961,21 @@ def _prologue_epilogue(norm, residual, K, pairs):
                     NORM_K=1 << (K - 1).bit_length(), NORM_ASM=not _interpret())
     if residual is not None:  # laid out as y (_check_residual)
         args.update(RES=True, r_ptr=residual)
+    if rope is not None:
+        cos, sin, rows = rope
+        args.update(ROPE_D=cos.shape[1], cos_ptr=cos, sin_ptr=sin, rope_rows=rows)
     return args
 
 
-def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, residual=None):
+def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, residual=None, rope=None):
     """int4 through int4_fma_kernel / int4_h2_kernel / int4_mma_kernel / int4_dot_kernel with config cfg
-    -> y bf16 [M, N], or SiLU(gate) * up [M, N / 2] with glu (norm, residual as _run_dense)."""
+    -> y bf16 [M, N], or SiLU(gate) * up [M, N / 2] with glu (norm, residual, rope as _run_dense)."""
     _check_residual(residual, x2.shape[0], packed.shape[0], glu)
-    if (norm is not None or residual is not None) and cfg[0].removesuffix("+silu") not in FUSES_NORM_RES:
+    if ((norm is not None or residual is not None or rope is not None)
+            and (cfg[0].removesuffix("+silu") not in FUSES_NORM_RES
+                 or (rope is not None and not _rope_fits(cfg, rope, glu, residual)))):
         run = lambda x_, c, g: _run_int4(x_, packed, scales_zeros, group_size, c, g)  # noqa: E731
-        return _unfused(run, x2, cfg, glu, norm, residual)
+        return _unfused(run, x2, cfg, glu, norm, residual, rope)
     if cfg[0].endswith("+silu"):  # the plain kernel (with the norm), then SwiGLU by its own kernel
         y = _run_int4(x2, packed, scales_zeros, group_size, (cfg[0][:-5],) + tuple(cfg[1:]), False, norm)
         y = silu_mul(y) if glu else y
@@ -1919,7 +2007,7 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
                 flags["ONE_ROW"] = M == 1
         if glu:
             flags["GLU"] = True
-        flags.update(_prologue_epilogue(norm, residual, K, pairs=kernel != "int4_fma"))
+        flags.update(_prologue_epilogue(norm, residual, K, pairs=kernel != "int4_fma", rope=rope))
         _kernels()[kernel][(grid[0], split)](
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
             *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps, num_stages=1,
@@ -1972,69 +2060,82 @@ def _out_cols(N: int, glu: bool) -> int:
     return N // 2 if glu else N
 
 
-def _op_name(op: str, glu: bool, norm_weight) -> str:
-    return op + ("_norm" if norm_weight is not None else "") + ("_glu" if glu else "")
+def _op_name(op: str, glu: bool, norm_weight, rope_cos=None) -> str:
+    return (op + ("_norm" if norm_weight is not None else "") + ("_rope" if rope_cos is not None else "")
+            + ("_glu" if glu else ""))
 
 
-def _fused_args(x2, norm_weight, eps, residual):
+def _fused_args(x2, N, norm_weight, eps, residual, rope_cos=None, rope_sin=None, rope_rows=0):
     if norm_weight is not None and (norm_weight.shape != (x2.shape[1],) or norm_weight.dtype != x2.dtype):
         raise ValueError(f"gemv: the norm weight must be {x2.dtype} [{x2.shape[1]}], got "
                          f"{norm_weight.dtype} {list(norm_weight.shape)}")
     norm = None if norm_weight is None else (norm_weight.contiguous(), eps)
-    return norm, None if residual is None else residual.contiguous()
+    rope = None
+    if rope_cos is not None:
+        D = rope_cos.shape[-1]
+        if (rope_sin is None or rope_cos.shape != (x2.shape[0], D) or rope_sin.shape != rope_cos.shape or D % 2
+                or N % D or rope_rows % D or not 0 <= rope_rows <= N or rope_cos.dtype != torch.bfloat16):
+            raise ValueError(f"gemv: RoPE needs bf16 cos and sin [M, D] (D even, dividing N={N} and rope_rows="
+                             f"{rope_rows}), got {None if rope_sin is None else list(rope_sin.shape)} "
+                             f"{list(rope_cos.shape)} {rope_cos.dtype}")
+        rope = (rope_cos.contiguous(), rope_sin.contiguous(), rope_rows)
+    return norm, None if residual is None else residual.contiguous(), rope
 
 
 @torch.library.custom_op("flint::bf16_linear", mutates_args=())
 def bf16_linear(x2: torch.Tensor, w: torch.Tensor, glu: bool = False, norm_weight: Optional[torch.Tensor] = None,
-                eps: float = 0.0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                eps: float = 0.0, residual: Optional[torch.Tensor] = None, rope_cos: Optional[torch.Tensor] = None,
+                rope_sin: Optional[torch.Tensor] = None, rope_rows: int = 0) -> torch.Tensor:
     """x2 bf16 [M, K] @ w bf16 [N, K]^T -> bf16 [M, N] (glu: SiLU(gate) * up [M, N / 2]; norm_weight: of
-    RMSNorm(x2); residual: + residual)."""
+    RMSNorm(x2); residual: + residual; rope_cos, rope_sin [M, D]: RoPE on the first rope_rows outputs)."""
     _check(x2, w, w.shape[1])
     _out_cols(w.shape[0], glu)
-    norm, residual = _fused_args(x2, norm_weight, eps, residual)
+    norm, residual, rope = _fused_args(x2, w.shape[0], norm_weight, eps, residual, rope_cos, rope_sin, rope_rows)
     M, K = x2.shape
     if M > MAX_M or M == 0 or not available(x2):
-        return _run_dense(x2, w, None, DEQUANT, glu, norm, residual)
+        return _run_dense(x2, w, None, DEQUANT, glu, norm, residual, rope)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    key = _key(_op_name("bf16", glu, norm_weight), M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("bf16", M, K, 0, glu), lambda c, w_: _run_dense(x2, w_, None, c, glu, norm, residual),
-                x2.device, (w,))
-    return _run_dense(x2, w, None, cfg, glu, norm, residual)
+    key = _key(_op_name("bf16", glu, norm_weight, rope_cos), M, w.shape[0], K, 0, x2.device)
+    cfg = _pick(key, candidates("bf16", M, K, 0, glu),
+                lambda c, w_: _run_dense(x2, w_, None, c, glu, norm, residual, rope), x2.device, (w,))
+    return _run_dense(x2, w, None, cfg, glu, norm, residual, rope)
 
 
 @bf16_linear.register_fake
-def _(x2, w, glu=False, norm_weight=None, eps=0.0, residual=None):
+def _(x2, w, glu=False, norm_weight=None, eps=0.0, residual=None, rope_cos=None, rope_sin=None, rope_rows=0):
     return x2.new_empty(x2.shape[0], _out_cols(w.shape[0], glu))
 
 
 @torch.library.custom_op("flint::int8_linear", mutates_args=())
 def int8_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, glu: bool = False,
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, rope_cos: Optional[torch.Tensor] = None,
+                rope_sin: Optional[torch.Tensor] = None, rope_rows: int = 0) -> torch.Tensor:
     """x2 bf16 [M, K] @ (w int8 [N, K] * scales bf16 [N])^T -> bf16 [M, N] (glu, norm_weight, residual as
     bf16_linear)."""
     _check(x2, w, w.shape[1])
     _out_cols(w.shape[0], glu)
-    norm, residual = _fused_args(x2, norm_weight, eps, residual)
+    norm, residual, rope = _fused_args(x2, w.shape[0], norm_weight, eps, residual, rope_cos, rope_sin, rope_rows)
     M, K = x2.shape
     if M > MAX_M or M == 0 or not available(x2):  # prefill: compute-bound, cuBLAS on a bf16 copy
-        return _run_dense(x2, w, scales, DEQUANT, glu, norm, residual)
+        return _run_dense(x2, w, scales, DEQUANT, glu, norm, residual, rope)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    key = _key(_op_name("int8", glu, norm_weight), M, w.shape[0], K, 0, x2.device)
+    key = _key(_op_name("int8", glu, norm_weight, rope_cos), M, w.shape[0], K, 0, x2.device)
     cfg = _pick(key, candidates("int8", M, K, 0, glu),
-                lambda c, w_, s_: _run_dense(x2, w_, s_, c, glu, norm, residual), x2.device, (w, scales))
-    return _run_dense(x2, w, scales, cfg, glu, norm, residual)
+                lambda c, w_, s_: _run_dense(x2, w_, s_, c, glu, norm, residual, rope), x2.device, (w, scales))
+    return _run_dense(x2, w, scales, cfg, glu, norm, residual, rope)
 
 
 @int8_linear.register_fake
-def _(x2, w, scales, glu=False, norm_weight=None, eps=0.0, residual=None):
+def _(x2, w, scales, glu=False, norm_weight=None, eps=0.0, residual=None, rope_cos=None, rope_sin=None, rope_rows=0):
     return x2.new_empty(x2.shape[0], _out_cols(w.shape[0], glu))
 
 
 @torch.library.custom_op("flint::int4_linear", mutates_args=())
 def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
                 glu: bool = False, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, rope_cos: Optional[torch.Tensor] = None,
+                rope_sin: Optional[torch.Tensor] = None, rope_rows: int = 0) -> torch.Tensor:
     """x2 bf16 [M, K] @ W^T -> bf16 [M, N], W = (q - 8) * scale + zero per group of group_size columns;
     packed uint8 [N, K/2] (quantize.pack_nibbles), scales_zeros bf16 [N, K/G, 2] (glu, norm_weight, residual as
     bf16_linear)."""
@@ -2044,21 +2145,23 @@ def int4_linear(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
     if group_size % 32 or K % group_size or scales_zeros.shape != (packed.shape[0], K // group_size, 2):
         raise ValueError(f"gemv: int4 needs a group size that is a multiple of 32 dividing K={K} and "
                          f"scales_zeros [N, K/G, 2]; got G={group_size}, {list(scales_zeros.shape)}")
-    norm, residual = _fused_args(x2, norm_weight, eps, residual)
+    norm, residual, rope = _fused_args(x2, packed.shape[0], norm_weight, eps, residual, rope_cos, rope_sin,
+                                       rope_rows)
     M = x2.shape[0]
     if M > MAX_M or M == 0 or not available(x2):
-        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT, glu, norm, residual)
+        return _run_int4(x2, packed, scales_zeros, group_size, DEQUANT, glu, norm, residual, rope)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     scales_zeros = scales_zeros.contiguous()
-    key = _key(_op_name("int4", glu, norm_weight), M, packed.shape[0], K, group_size, x2.device)
+    key = _key(_op_name("int4", glu, norm_weight, rope_cos), M, packed.shape[0], K, group_size, x2.device)
     cfg = _pick(key, candidates("int4", M, K, group_size, glu),
-                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c, glu, norm, residual), x2.device,
+                lambda c, p_, sz_: _run_int4(x2, p_, sz_, group_size, c, glu, norm, residual, rope), x2.device,
                 (packed, scales_zeros))
-    return _run_int4(x2, packed, scales_zeros, group_size, cfg, glu, norm, residual)
+    return _run_int4(x2, packed, scales_zeros, group_size, cfg, glu, norm, residual, rope)
 
 
 @int4_linear.register_fake
-def _(x2, packed, scales_zeros, group_size, glu=False, norm_weight=None, eps=0.0, residual=None):
+def _(x2, packed, scales_zeros, group_size, glu=False, norm_weight=None, eps=0.0, residual=None, rope_cos=None,
+      rope_sin=None, rope_rows=0):
     return x2.new_empty(x2.shape[0], _out_cols(packed.shape[0], glu))
 
 
@@ -2082,9 +2185,27 @@ def fusable(x: torch.Tensor, norm, bias) -> bool:
             and (norm is None or norm[0].dtype == torch.bfloat16) and os.environ.get("FLINT_GEMV_FUSE", "1") != "0")
 
 
-def unfused(forward, x, glu, norm, residual):
-    """forward(x, glu) with model.linear's RMSNorm before it and residual add after it as plain ops."""
+def rope_enabled() -> bool:
+    """RoPE in the q/k/v matmul's epilogue (FLINT_GEMV_ROPE=1; off by default until measured on a GPU): else
+    the linears rotate after their kernel, as a plain op that inductor fuses into one kernel."""
+    return os.environ.get("FLINT_GEMV_ROPE", "0") == "1"
+
+
+def rope_after(forward, x, glu, norm, residual, rope):
+    """forward(x, glu, norm) (the norm still in the kernel where it can), then RoPE and the residual add as plain
+    ops."""
+    cos, sin, heads = rope
+    y = rope_heads(forward(x, glu, norm), cos, sin, heads * cos.shape[-1])
+    return y if residual is None else residual + y
+
+
+def unfused(forward, x, glu, norm, residual, rope=None):
+    """forward(x, glu) with model.linear's RMSNorm before it, RoPE (rope = (cos, sin, heads)) and residual add
+    after it as plain ops."""
     y = forward(x if norm is None else rms_norm(x, *norm), glu)
+    if rope is not None:
+        cos, sin, heads = rope
+        y = rope_heads(y, cos, sin, heads * cos.shape[-1])
     return y if residual is None else residual + y
 
 
@@ -2100,10 +2221,12 @@ class Linear(torch.nn.Linear):
     def fuses_glu(self) -> bool:
         return glu_enabled()
 
-    def forward(self, x, glu: bool = False, norm=None, residual=None):
-        if (norm is not None or residual is not None) and (not fusable(x, norm, self.bias) or (glu and not self.fuses_glu)
-                                                            or self.weight.dtype != torch.bfloat16):
-            return unfused(self.forward, x, glu, norm, residual)
+    def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
+        if rope is not None and (residual is not None or not rope_enabled()):
+            return rope_after(self.forward, x, glu, norm, residual, rope)
+        if (norm is not None or residual is not None or rope is not None) and (
+                not fusable(x, norm, self.bias) or (glu and not self.fuses_glu) or self.weight.dtype != torch.bfloat16):
+            return unfused(self.forward, x, glu, norm, residual, rope)
         if glu and not self.fuses_glu:  # FLINT_GEMV_GLU=0
             return silu_mul(self.forward(x))
         if norm is not None and self.in_features > BF16_NORM_MAX_K:  # the norm as its own (inductor) kernel
@@ -2113,15 +2236,22 @@ class Linear(torch.nn.Linear):
                 or (glu and self.bias is not None)):  # a bias must come before the GLU: not in the epilogue
             y = F.linear(x, self.weight, self.bias)
             return silu_mul(y.reshape(rows, -1)).reshape(*x.shape[:-1], -1) if glu else y
-        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, glu, *fused_op_args(norm, residual))
+        y = torch.ops.flint.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, glu,
+                                        *fused_op_args(norm, residual, rope))
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + self.bias if self.bias is not None else y
 
 
-def fused_op_args(norm, residual) -> tuple:
-    """The ops' norm_weight, eps, residual arguments from a linear's norm = (weight, eps) and residual."""
+def fused_op_args(norm, residual, rope=None) -> tuple:
+    """The ops' norm_weight, eps, residual, rope_cos, rope_sin, rope_rows arguments from a linear's norm =
+    (weight, eps), residual and rope = (cos, sin [..., 1, D], heads)."""
     weight, eps = norm if norm is not None else (None, 0.0)
-    return weight, float(eps), None if residual is None else residual.reshape(-1, residual.shape[-1])
+    cos, sin, rows = None, None, 0
+    if rope is not None:
+        cos, sin, heads = rope
+        D = cos.shape[-1]
+        cos, sin, rows = cos.reshape(-1, D), sin.reshape(-1, D), heads * D
+    return weight, float(eps), None if residual is None else residual.reshape(-1, residual.shape[-1]), cos, sin, rows
 
 
 def use_for_linears(model: torch.nn.Module) -> int:
@@ -2159,4 +2289,8 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
             m(x, glu=True) if glu else m(x)
             if norm and rows == 1:
                 kw = {"glu": True} if glu else {}
+                parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+                if name.endswith("qkv_proj") and rope_enabled() and hasattr(parent, "head_dim"):  # model.Attention
+                    cos = torch.ones(1, 1, 1, parent.head_dim, dtype=dtype, device=device)
+                    kw["rope"] = (cos, torch.zeros_like(cos), parent.n_heads + parent.n_kv_heads)
                 m(x, norm=(torch.ones(m.in_features, dtype=dtype, device=device), 1e-5), **kw)

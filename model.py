@@ -205,17 +205,23 @@ def _fuse_hf_tensors(module, state_dict, prefix, *_):
 
 # ---------------------------------------------------------------- modules
 
-def linear(layer, x, norm=None, glu=False, residual=None):
-    """residual + layer(norm(x)), with SwiGLU (SiLU(gate) * up of a [gate; up] output) if glu: a block's
-    linears with the ops around them. flint's GPU linears (gemv.Linear and quantize.py's, which set fuses_ops)
-    take the norm, the SwiGLU and the residual add into their one kernel in a decode step, so a block runs its
-    four matmuls and attention and nothing else; any other nn.Linear gets the plain ops."""
+def linear(layer, x, norm=None, glu=False, residual=None, rope=None):
+    """residual + layer(norm(x)), with SwiGLU (SiLU(gate) * up of a [gate; up] output) if glu and RoPE on the
+    first `heads` heads of the output if rope = (cos, sin, heads): a block's linears with the ops around them.
+    flint's GPU linears (gemv.Linear and quantize.py's, which set fuses_ops) take the norm, the SwiGLU, RoPE and
+    the residual add into their one kernel in a decode step, so a block runs its four matmuls and attention and
+    nothing else; any other nn.Linear gets the plain ops."""
     if getattr(layer, "fuses_ops", False):
-        return layer(x, glu=glu, norm=None if norm is None else (norm.weight, norm.eps), residual=residual)
+        return layer(x, glu=glu, norm=None if norm is None else (norm.weight, norm.eps), residual=residual,
+                     rope=rope)
     y = layer(x if norm is None else norm(x))
     if glu:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
+    if rope is not None:
+        cos, sin, heads = rope
+        y = y.unflatten(-1, (-1, cos.shape[-1]))                  # [..., all heads, D]
+        y = torch.cat((apply_rope(y[..., :heads, :], cos, sin), y[..., heads:, :]), dim=-2).flatten(-2)
     return y if residual is None else residual + y
 
 
@@ -246,10 +252,10 @@ class Attention(nn.Module):
         # -> residual + attention(norm(x)) (norm, residual: the block's, see linear())
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = linear(self.qkv_proj, x, norm).view(B, T, H + 2 * Hkv, self.head_dim)  # q, k and v heads side by side
-        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # one rotation for q and k heads together
-        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
-        k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
+        # q, k and v heads side by side, q and k rotated (one rotation for both)
+        qkv = linear(self.qkv_proj, x, norm, rope=(cos, sin, H + Hkv)).view(B, T, H + 2 * Hkv, self.head_dim)
+        q = qkv[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        k = qkv[:, :, H: H + Hkv].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
         if kv is not None:
             y = kv.attend(q, k, v, input_pos, meta)

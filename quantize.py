@@ -171,17 +171,20 @@ class Int8Linear(nn.Module):
 
     fuses_ops = True  # forward takes model.linear's norm and residual (see gemv.Linear)
 
-    def forward(self, x, glu: bool = False, norm=None, residual=None):
+    def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
-        (weight, eps): of RMSNorm(x); residual: added to the output (in gemv's kernel where it can)."""
-        if (norm is not None or residual is not None) and not (
+        (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
+        output's first heads (in gemv's kernel where it can)."""
+        if rope is not None and (residual is not None or not gemv.rope_enabled()):
+            return gemv.rope_after(self.forward, x, glu, norm, residual, rope)
+        if (norm is not None or residual is not None or rope is not None) and not (
                 self.gemv and gemv.fusable(x, norm, self.bias) and (self.fuses_glu or not glu)):
-            return gemv.unfused(self.forward, x, glu, norm, residual)
+            return gemv.unfused(self.forward, x, glu, norm, residual, rope)
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         fused = glu and self.fuses_glu
         if self.gemv:
             y = torch.ops.flint.int8_linear(x2.to(SCALE_DTYPE).contiguous(), self.weight, self.scales, fused,
-                                            *gemv.fused_op_args(norm, residual))
+                                            *gemv.fused_op_args(norm, residual, rope))
         elif x.device.type == "cuda":  # without Triton: dequantize, then cuBLAS
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:
@@ -265,10 +268,10 @@ class Int4Linear(nn.Module):
         """forward(x, glu=True) applies SwiGLU inside the kernel (gemv.py's epilogue; a bias would come first)."""
         return self.layout == "gemv" and self.bias is None and gemv.glu_enabled()
 
-    def _mm(self, x2, scales_and_zeros, glu=False, norm=None, residual=None):
+    def _mm(self, x2, scales_and_zeros, glu=False, norm=None, residual=None, rope=None):
         if self.layout == "gemv":
             return torch.ops.flint.int4_linear(x2, self.weight, scales_and_zeros, self.group_size, glu,
-                                               *gemv.fused_op_args(norm, residual))
+                                               *gemv.fused_op_args(norm, residual, rope))
         if x2.device.type == "cuda":  # tinygemm: ~0.38 of copy bandwidth at batch 1
             return torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, scales_and_zeros)
@@ -296,18 +299,21 @@ class Int4Linear(nn.Module):
 
     fuses_ops = True  # forward takes model.linear's norm and residual (see gemv.Linear)
 
-    def forward(self, x, glu: bool = False, norm=None, residual=None):
+    def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
-        (weight, eps): of RMSNorm(x); residual: added to the output (in gemv's kernel where it can)."""
-        if (norm is not None or residual is not None) and not (
+        (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
+        output's first heads (in gemv's kernel where it can)."""
+        if rope is not None and (residual is not None or not gemv.rope_enabled()):
+            return gemv.rope_after(self.forward, x, glu, norm, residual, rope)
+        if (norm is not None or residual is not None or rope is not None) and not (
                 self.layout == "gemv" and self.k_padded == self.in_features and gemv.fusable(x, norm, self.bias)
                 and (self.fuses_glu or not glu)):
-            return gemv.unfused(self.forward, x, glu, norm, residual)
+            return gemv.unfused(self.forward, x, glu, norm, residual, rope)
         x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)  # [M, K]
         if self.k_padded != self.in_features:
             x2 = F.pad(x2, (0, self.k_padded - self.in_features))
         fused = glu and self.fuses_glu
-        y = self._mm(x2.contiguous(), self.scales_and_zeros, fused, norm, residual)
+        y = self._mm(x2.contiguous(), self.scales_and_zeros, fused, norm, residual, rope)
         return _finish(y.to(x.dtype), self.bias, glu and not fused, x.shape)
 
     def extra_repr(self):

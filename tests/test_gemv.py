@@ -361,12 +361,53 @@ def test_norm_prologue_and_residual_epilogue_every_config(monkeypatch, op, peel)
         run(gemv.candidates(op, 1, K, G)[0], x, False, None, res[:, :5].contiguous())
 
 
-def test_block_fuses_its_norms_and_adds(gemv_layout):
+@pytest.mark.parametrize("op", ["bf16", "int8", "int4"])
+def test_rope_epilogue_every_config(op):
+    # rope = (cos, sin [M, D], rows): the fma and h2 kernels whose BLOCK_N divides the head dim take rows i and
+    # i + D/2 of a head into one program and rotate them as they store (the q and k heads: the first rows
+    # outputs; v's rows stay); the others rotate after. Against rope_heads of the plain output (RoPE of the
+    # stored bf16 values in fp32, rounded once): within an ulp; K splits; with the norm prologue too.
+    D, heads, rot_heads, K, G = 16, 7, 5, 256, 64
+    N = heads * D
+    x, w = problem(1, N, K)
+    gen = torch.Generator().manual_seed(2)
+    angle = torch.randn(1, D // 2, generator=gen) * 3
+    cos = torch.cat((angle.cos(), angle.cos()), -1).to(torch.bfloat16).to(DEVICE)
+    sin = torch.cat((angle.sin(), angle.sin()), -1).to(torch.bfloat16).to(DEVICE)
+    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(torch.bfloat16).to(DEVICE)
+    if op == "int4":
+        x, packed, sz, _ = int4_problem(1, N, K, G)
+        run = lambda cfg, xx, norm, rope: gemv._run_int4(xx, packed, sz, G, cfg, False, norm, None, rope)  # noqa: E731
+    else:
+        wq, scales = (w.to(torch.bfloat16), None) if op == "bf16" else Q.int8_quantize(w)
+        wq, scales = wq.to(DEVICE), None if scales is None else scales.to(DEVICE)
+        run = lambda cfg, xx, norm, rope: gemv._run_dense(xx, wq, scales, cfg, False, norm, None, rope)  # noqa: E731
+    x = x.to(DEVICE)
+    rope = (cos, sin, rot_heads * D)
+    configs = gemv.candidates(op, 1, K, G if op == "int4" else 0)
+    configs += [("fma", 8, 128, 4, 1, 2, 1)] if op != "int4" else [("int4_h2", 16, 3, 1, 1)]  # K splits
+    assert any(gemv._rope_fits(c, rope, False, None) for c in configs)
+    for norm in (None, (g, 1e-5)):
+        xn = x if norm is None else gemv.rms_norm(x, *norm)
+        for cfg in configs:
+            want = gemv.rope_heads(run(cfg, xn, None, None), cos[:, None], sin[:, None], rot_heads * D).float().cpu()
+            got = run(cfg, x, norm, rope).float().cpu()
+            err = (got - want).abs()
+            assert (err <= 2 ** -7 * want.abs() + 2 ** -9 * want.abs().max()).all(), (cfg, norm is None, err.max())
+    assert torch.equal(got[:, rot_heads * D:], run(cfg, x, (g, 1e-5), None).float().cpu()[:, rot_heads * D:])  # v
+    with pytest.raises(ValueError, match="RoPE"):
+        gemv.bf16_linear(x, torch.zeros(N, K, dtype=torch.bfloat16, device=DEVICE), False, None, 0.0, None, cos,
+                         sin, 3)
+
+
+@pytest.mark.parametrize("rope_in_kernel", ["0", "1"])
+def test_block_fuses_its_norms_and_adds(gemv_layout, rope_in_kernel):
     # model.Block hands its RMSNorms and residual adds to the linears (model.linear): gemv.Linear and the
     # quantized linears in the gemv layout take them into their kernels at one row (fusable), the plain ops at
     # more rows; the block's output matches the same block on plain nn.Linears, bf16, for one row and a prefill
     from model import Block, ModelArgs, rope_cos_sin, rope_inv_freq
 
+    gemv_layout.setenv("FLINT_GEMV_ROPE", rope_in_kernel)
     torch.manual_seed(0)
     args = ModelArgs(dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, n_layers=1, vocab_size=32)
     plain = Block(args, 0).to(DEVICE, torch.bfloat16)
@@ -390,10 +431,10 @@ def test_block_fuses_its_norms_and_adds(gemv_layout):
         quant_ref.mlp.gate_up_proj.weight.copy_(quant.mlp.gate_up_proj.dequantize())
         quant_ref.mlp.down_proj.weight.copy_(quant.mlp.down_proj.dequantize())
     calls = []
-    for name, n_args in (("_run_dense", 7), ("_run_int4", 8)):  # (..., norm, residual) last
+    for name, n_args in (("_run_dense", 8), ("_run_int4", 9)):  # (..., norm, residual, rope) last
         def spy(*a, _run=getattr(gemv, name), _n=n_args):
             full = a + (None,) * (_n - len(a))
-            calls.append((a[0].shape[0], full[-2] is not None or full[-1] is not None))  # (rows, norm or residual)
+            calls.append((a[0].shape[0], any(v is not None for v in full[-3:])))  # (rows, norm, residual or rope)
             return _run(*a)
         gemv_layout.setattr(gemv, name, spy)
     inv_freq, factor = rope_inv_freq(args)
@@ -406,7 +447,7 @@ def test_block_fuses_its_norms_and_adds(gemv_layout):
                 want = ref(x, cos, sin, pos, None, None).float()
                 got = block(x, cos, sin, pos, None, None).float()
                 assert ((got - want).abs() <= 2 ** -5 * want.abs() + 2 ** -6 * want.abs().max()).all(), (T, block)
-    # at one row the two blocks' eight linears took their norm or residual (four each), at 5 rows none did
+    # at one row the two blocks' eight linears took their norm, RoPE or residual (four each), at 5 rows none did
     assert sum(1 for rows, fused_ops in calls if rows == 1 and fused_ops) == 8
     assert not any(fused_ops for rows, fused_ops in calls if rows == 5)
 
@@ -597,6 +638,22 @@ def test_tune_linears_picks_a_config_for_every_row_bucket_once_per_shape(monkeyp
     assert calls == [(64, r) for r in buckets] + [(48, r) for r in buckets]  # one layer of each shape
     for N, K in ((48, 64), (40, 48)):
         assert all(gemv.config_for("bf16", r, N, K, device=DEVICE) is not None for r in buckets)
+
+def test_tune_linears_tunes_what_a_decode_step_calls(monkeypatch):
+    # a Block's one-row calls: qkv_proj with the norm (and RoPE when FLINT_GEMV_ROPE=1), gate_up_proj with the
+    # norm and GLU; their own tuning keys, picked before a CUDA graph would capture them
+    from model import ModelArgs, Transformer
+
+    monkeypatch.setenv("FLINT_GEMV_ROPE", "1")
+    args = ModelArgs(dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, n_layers=2, vocab_size=40)
+    model = Transformer(args).to(DEVICE, torch.bfloat16)
+    gemv.use_for_linears(model)
+    with torch.no_grad():
+        gemv.tune_linears(model, torch.bfloat16, DEVICE)
+    assert gemv.config_for("bf16_norm_rope", 1, 8 * 16, 64, device=DEVICE) is not None
+    assert gemv.config_for("bf16_norm_glu", 1, 2 * 96, 64, device=DEVICE) is not None
+    assert gemv.config_for("bf16", 1, 64, 64, device=DEVICE) is not None  # o_proj (the residual shares it)
+
 
 # ---------------------------------------------------------------- quantize.py's modules in the gemv layout
 
