@@ -2199,6 +2199,19 @@ def rope_after(forward, x, glu, norm, residual, rope):
     return y if residual is None else residual + y
 
 
+def ops_outside_kernel(layer, x, glu, norm, residual, rope, kernel: bool):
+    """A linear's forward(x, glu, norm, residual, rope) where its kernel cannot take the norm, residual add or
+    RoPE asked of it (kernel: the layer runs gemv's kernels at all): the output with those as plain ops around
+    layer.forward; None when the kernel takes them (or none were asked)."""
+    if norm is None and residual is None and rope is None:
+        return None
+    if rope is not None and (residual is not None or not rope_enabled()):
+        return rope_after(layer.forward, x, glu, norm, residual, rope)
+    if not (kernel and fusable(x, norm, layer.bias) and (layer.fuses_glu or not glu)):
+        return unfused(layer.forward, x, glu, norm, residual, rope)
+    return None
+
+
 def unfused(forward, x, glu, norm, residual, rope=None):
     """forward(x, glu) with model.linear's RMSNorm before it, RoPE (rope = (cos, sin, heads)) and residual add
     after it as plain ops."""
@@ -2222,11 +2235,9 @@ class Linear(torch.nn.Linear):
         return glu_enabled()
 
     def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
-        if rope is not None and (residual is not None or not rope_enabled()):
-            return rope_after(self.forward, x, glu, norm, residual, rope)
-        if (norm is not None or residual is not None or rope is not None) and (
-                not fusable(x, norm, self.bias) or (glu and not self.fuses_glu) or self.weight.dtype != torch.bfloat16):
-            return unfused(self.forward, x, glu, norm, residual, rope)
+        out = ops_outside_kernel(self, x, glu, norm, residual, rope, self.weight.dtype == torch.bfloat16)
+        if out is not None:
+            return out
         if glu and not self.fuses_glu:  # FLINT_GEMV_GLU=0
             return silu_mul(self.forward(x))
         if norm is not None and self.in_features > BF16_NORM_MAX_K:  # the norm as its own (inductor) kernel

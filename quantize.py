@@ -175,11 +175,9 @@ class Int8Linear(nn.Module):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
         (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
         output's first heads (in gemv's kernel where it can)."""
-        if rope is not None and (residual is not None or not gemv.rope_enabled()):
-            return gemv.rope_after(self.forward, x, glu, norm, residual, rope)
-        if (norm is not None or residual is not None or rope is not None) and not (
-                self.gemv and gemv.fusable(x, norm, self.bias) and (self.fuses_glu or not glu)):
-            return gemv.unfused(self.forward, x, glu, norm, residual, rope)
+        out = gemv.ops_outside_kernel(self, x, glu, norm, residual, rope, self.gemv)
+        if out is not None:
+            return out
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         fused = glu and self.fuses_glu
         if self.gemv:
@@ -303,12 +301,10 @@ class Int4Linear(nn.Module):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
         (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
         output's first heads (in gemv's kernel where it can)."""
-        if rope is not None and (residual is not None or not gemv.rope_enabled()):
-            return gemv.rope_after(self.forward, x, glu, norm, residual, rope)
-        if (norm is not None or residual is not None or rope is not None) and not (
-                self.layout == "gemv" and self.k_padded == self.in_features and gemv.fusable(x, norm, self.bias)
-                and (self.fuses_glu or not glu)):
-            return gemv.unfused(self.forward, x, glu, norm, residual, rope)
+        out = gemv.ops_outside_kernel(self, x, glu, norm, residual, rope,
+                                      self.layout == "gemv" and self.k_padded == self.in_features)
+        if out is not None:
+            return out
         x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)  # [M, K]
         if self.k_padded != self.in_features:
             x2 = F.pad(x2, (0, self.k_padded - self.in_features))
