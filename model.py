@@ -11,9 +11,9 @@ Attention goes through a cache object handed in by the caller (kv.StaticKVCache,
 so the model never knows how or where keys and values are stored. With cache=None it runs plain
 causal attention over the tokens it is given (what a training loop or a logits test wants).
 
-A block's linears go through linear(layer, x, norm, glu, residual): residual + layer(norm(x)) with SwiGLU if
-asked. Plain nn.Linear gets exactly that; flint's GPU linears (gemv.py, quantize.py) do the norm, the SwiGLU and
-the residual add inside their matmul kernel in a decode step.
+A block's linears go through linear(layer, x, norm, glu, residual, rope): residual + layer(norm(x)) with
+SwiGLU or RoPE if asked. Plain nn.Linear gets exactly that; flint's GPU linears (gemv.py, quantize.py) do the
+norm, the SwiGLU, the residual add (and RoPE with FLINT_GEMV_ROPE=1) inside their matmul kernel in a decode step.
 """
 import functools
 import math
