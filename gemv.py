@@ -976,7 +976,7 @@ def _kernels():
                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
                    NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
-                   cos_ptr=None, sin_ptr=None, rope_rows=0):
+                   cos_ptr=None, sin_ptr=None, rope_rows=0, STAGES: tl.constexpr = 1):
         # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
         # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
         # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
@@ -1006,7 +1006,9 @@ def _kernels():
         else:
             acc = tl.zeros((BLOCK_N, W), tl.float32)
         zacc = tl.zeros((BLOCK_N,), tl.float32)
-        for g in range(g_lo, g_hi):
+        # STAGES > 1 (AHEAD 0, "int4_h2p"): Triton's pipeliner brings the next STAGES - 1 groups' words and scales
+        # into shared memory with cp.async, in flight without holding registers
+        for g in tl.range(g_lo, g_hi, num_stages=STAGES):
             if AHEAD > 0:
                 next_words = tl.load(p_ptr + (g + 1) * W + p_off, mask=tile0 + g + 1 < g_hi, other=0)
                 next_sz = tl.load(sz_row + g + 1, mask=row0 + g + 1 < g_hi, other=0)
@@ -1548,6 +1550,10 @@ _H2_INT4 = [_cfg("int4_h2", 64, 8, 2, 1), _cfg("int4_h2", 64, 2, 1, 1), _cfg("in
             _cfg("int4_h2", 64, 4, 2, 1), _cfg("int4_h2", 64, 16, 2, 1), _cfg("int4_h2", 128, 8, 4, 1),
             _cfg("int4_h2", 64, 4, 1, 1), _cfg("int4_h2", 32, 16, 1, 1), _cfg("int4_h2", 128, 4, 4, 1),
             _cfg("int4_h2", 64, 8, 2, 0)]
+# int4_h2p: int4_h2 with AHEAD 0 and its loop's loads pipelined by Triton (cp.async into shared memory, the fifth
+# number the stages): offline (sm_90, Triton 3.6) 64/8/2 with 3 stages holds 79 registers instead of 128 and
+# 9 KB of shared memory, so some 12 programs an SM keep two groups in flight each; not measured on a GPU yet,
+# so not a candidate (FLINT_GEMV_PICKS can name it)
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 # int8_mma / int4_mma (tensor cores, 1..8 rows of x read W once): (kernel, BLOCK_N, columns a step (int8) or
@@ -1818,7 +1824,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
-FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2")  # kernels with NORM, RES
+FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p")  # kernels with NORM, RES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -1992,6 +1998,8 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
     sz = scales_zeros.view(torch.int32).view(N, K // group_size)  # (scale, zero) bf16 pairs as one word
     if kernel == "int4_mma" and (M > 8 or group_size not in (32, 64, 128)):  # B has 8 columns
         kernel = "int4_h2"
+    pipelined = kernel == "int4_h2p"  # int4_h2 with its loads pipelined by Triton: the fifth number is stages
+    kernel = "int4_h2" if pipelined else kernel
     if kernel in ("int4_h2", "int4_mma") and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int4_fma"
     if kernel in ("int4_fma", "int4_h2", "int4_mma"):
@@ -2008,10 +2016,13 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
         if glu:
             flags["GLU"] = True
         flags.update(_prologue_epilogue(norm, residual, K, pairs=kernel != "int4_fma", rope=rope))
+        if pipelined and kernel == "int4_h2":
+            flags["STAGES"] = stages
+        ahead, n_stages = (0, stages) if pipelined else (stages, 1)
         _kernels()[kernel][(grid[0], split)](
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
-            *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=stages, num_warps=warps, num_stages=1,
-            **flags, **_pdl_args(x2.device))
+            *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=ahead, num_warps=warps,
+            num_stages=n_stages, **flags, **_pdl_args(x2.device))
     else:
         _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),

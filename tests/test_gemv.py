@@ -255,6 +255,22 @@ def test_glu_epilogue_every_config(op, M):
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
 
 
+def test_int4_pipelined_loads_give_the_same_sums():
+    # "int4_h2p" (pin it with FLINT_GEMV_PICKS; not a tuning candidate until measured): int4_h2 with its group loads
+    # pipelined by Triton (cp.async, the config's fifth number the stages), the same sums as int4_h2; K splits,
+    # GLU, the norm and the residual
+    x, packed, sz, ref = int4_problem(1, 98, 640, 128)
+    plain = gemv._run_int4(x, packed, sz, 128, ("int4_h2", 32, 2, 1, 0))
+    for cfg in [("int4_h2p", 32, 2, 1, 3), ("int4_h2p", 64, 1, 2, 4)]:
+        assert torch.equal(gemv._run_int4(x, packed, sz, 128, cfg), plain), cfg
+        assert torch.equal(gemv._run_int4(x, packed, sz, 128, cfg, True),
+                           gemv._run_int4(x, packed, sz, 128, ("int4_h2", 32, 2, 1, 0), True)), cfg
+    g = torch.ones(640, dtype=torch.bfloat16, device=DEVICE)
+    r = torch.ones(1, 98, dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(gemv._run_int4(x, packed, sz, 128, ("int4_h2p", 32, 2, 1, 3), False, (g, 1e-5), r),
+                       gemv._run_int4(x, packed, sz, 128, ("int4_h2", 32, 2, 1, 0), False, (g, 1e-5), r))
+
+
 def test_glu_epilogue_with_k_splits_and_bad_shapes():
     # K splits (the last program of a pair block adds the partials, then pairs them), an mma tile row past
     # F, and an odd number of rows, which has no [gate; up] halves
