@@ -242,6 +242,18 @@ def _kernels():
         return tl.load(r_ptr + m * stride_ym + col, mask=col < n_out, other=0.0)
 
     @triton.jit
+    def epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D):
+        # what store_rows adds or rotates with (RES: the residual, ROPE_D: cos and sin; 0.0 where not asked),
+        # loaded right after PDL's wait: their round trips overlap the program's loop. GLU, RES and ROPE_D
+        # arrive as the kernel's constexprs (annotated here, Triton 3.6 fails to resolve `tl`, as in mma_rotate)
+        r, cos, sin = 0.0, 0.0, 0.0
+        if RES:
+            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
+        if ROPE_D > 0:
+            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+        return r, cos, sin
+
+    @triton.jit
     def load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D: tl.constexpr):
         # RoPE's cos and sin (rows of x [M, D]) for the first half of the block's rows (row_block with ROPE_D):
         # index i of the head; its partner i + D/2 has the same angle
@@ -537,7 +549,8 @@ def _kernels():
     # looks in the closure): published there, since the kernels are built here, after the tests set
     # TRITON_INTERPRET
     globals().update(silu_up=silu_up, store_rows=store_rows, store_row_block=store_row_block, k_range=k_range,
-                     rms_rstd=rms_rstd, load_residual=load_residual, load_rope=load_rope, rms_scale=rms_scale, rms_scale_pairs=rms_scale_pairs,
+                     rms_rstd=rms_rstd, load_residual=load_residual, load_rope=load_rope,
+                     epilogue_operands=epilogue_operands, rms_scale=rms_scale, rms_scale_pairs=rms_scale_pairs,
                      group_range=group_range, row_block=row_block, word_tile_at=word_tile_at,
                      int8_word_tile=int8_word_tile, int8_x_tile=int8_x_tile, int4_group_tile=int4_group_tile,
                      int8_to_f32=int8_to_f32, unstack4=unstack4, unstack=unstack, f16_bits=f16_bits,
@@ -575,12 +588,7 @@ def _kernels():
                 w = tl.load(w_ptr + k_lo + w_off, mask=in_k, other=0)
                 if PDL:
                     tl.extra.cuda.gdc_wait()
-                r = 0.0
-                if RES:  # issued first: its round trip overlaps the rest
-                    r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-                cos, sin = 0.0, 0.0
-                if ROPE_D > 0:
-                    cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+                r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
                 x = tl.load(x_row + k_lo + x_off, mask=in_k, other=0.0)
                 if NORM:
                     rstd = rms_rstd(x_row, K, eps, False, NORM_K)
@@ -590,12 +598,7 @@ def _kernels():
                 acc += w.to(tl.float32) * x.to(tl.float32)
                 k_start = k_lo + BLOCK_K
             else:  # no PDL
-                r = 0.0
-                if RES:  # issued first: its round trip overlaps the rest
-                    r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-                cos, sin = 0.0, 0.0
-                if ROPE_D > 0:
-                    cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+                r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
                 if NORM:
                     rstd = rms_rstd(x_row, K, eps, False, NORM_K)
             for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):
@@ -626,12 +629,7 @@ def _kernels():
                 w2 = tl.load(w_ptr + k_lo + BLOCK_K + w_off, mask=k_pos + k_lo + BLOCK_K < k_hi, other=0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-            r = 0.0
-            if RES:  # issued first: its round trip overlaps the rest
-                r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-            cos, sin = 0.0, 0.0
-            if ROPE_D > 0:
-                cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+            r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
             if NORM:
                 rstd = rms_rstd(x_row, K, eps, False, NORM_K)
             for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -735,12 +733,7 @@ def _kernels():
             w2 = word_tile_at(w_ptr, w_off, k_pos, k_lo + BLOCK_K, k_hi)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        r = 0.0
-        if RES:  # issued first: its round trip overlaps the rest
-            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-        cos, sin = 0.0, 0.0
-        if ROPE_D > 0:
-            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+        r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, False, NORM_K)
         acc = tl.zeros((BLOCK_N, C), tl.float32)
@@ -812,12 +805,7 @@ def _kernels():
         x_row = x_ptr + m * stride_xm  # x as int32 words [M, K/2]: stride in words
         if PDL:
             tl.extra.cuda.gdc_wait()
-        r = 0.0
-        if RES:  # issued first: its round trip overlaps the rest
-            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-        cos, sin = 0.0, 0.0
-        if ROPE_D > 0:
-            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+        r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, True, NORM_K)
         if ASM:
@@ -901,12 +889,7 @@ def _kernels():
             sz2 = tl.load(sz_row + g_lo + 1, mask=row0 + g_lo + 1 < g_hi, other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        r = 0.0
-        if RES:  # issued first: its round trip overlaps the rest
-            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-        cos, sin = 0.0, 0.0
-        if ROPE_D > 0:
-            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+        r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, False, NORM_K)
         acc = tl.zeros((BLOCK_N, W), tl.float32)
@@ -993,12 +976,7 @@ def _kernels():
             p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP, BLOCK_N, SPLIT)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        r = 0.0
-        if RES:  # issued first: its round trip overlaps the rest
-            r = load_residual(r_ptr, m, N, rn, stride_ym, GLU)
-        cos, sin = 0.0, 0.0
-        if ROPE_D > 0:
-            cos, sin = load_rope(cos_ptr, sin_ptr, m, rn, ROPE_D)
+        r, cos, sin = epilogue_operands(r_ptr, cos_ptr, sin_ptr, m, N, rn, stride_ym, GLU, RES, ROPE_D)
         if NORM:
             rstd = rms_rstd(x_row, K, eps, True, NORM_K)
         if ASM:
@@ -1854,15 +1832,12 @@ def rope_heads(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: int)
 
 def _unfused(run, x2, cfg, glu, norm, residual, rope=None):
     """A config whose kernel lacks the NORM prologue, the residual or the RoPE epilogue (dot, mma, cuBLAS,
-    kernel+silu): the norm before it, the add or the rotation after it as plain ops. run(x2, cfg, glu) runs
-    the kernel."""
-    if norm is not None:
-        x2 = rms_norm(x2, *norm)
-    y = run(x2, cfg, glu)
+    kernel+silu): the norm before it, the add or the rotation after it as plain ops (unfused, the linears'
+    way). run(x2, cfg, glu) runs the kernel; rope = (cos, sin [M, D], rows) as the ops take it."""
     if rope is not None:
         cos, sin, rows = rope
-        y = rope_heads(y, cos[:, None], sin[:, None], rows)
-    return y if residual is None else residual + y
+        rope = (cos[:, None], sin[:, None], rows // cos.shape[1])  # the linears' (cos, sin, heads)
+    return unfused(lambda x_, g: run(x_, cfg, g), x2, glu, norm, residual, rope)
 
 
 def _rope_fits(cfg, rope, glu, residual) -> bool:

@@ -169,7 +169,7 @@ class Int8Linear(nn.Module):
         """forward(x, glu=True) applies SwiGLU inside the kernel (gemv.py's epilogue; a bias would come first)."""
         return self.gemv and self.bias is None and gemv.glu_enabled()
 
-    fuses_ops = True  # forward takes model.linear's norm and residual (see gemv.Linear)
+    fuses_ops = True  # forward takes model.linear's norm, residual and rope (see gemv.Linear)
 
     def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
@@ -295,7 +295,7 @@ class Int4Linear(nn.Module):
         """fp32 [N, in_features]."""
         return int4_dequantize(self.codes(), *self.scales_zeros())[:, : self.in_features]
 
-    fuses_ops = True  # forward takes model.linear's norm and residual (see gemv.Linear)
+    fuses_ops = True  # forward takes model.linear's norm, residual and rope (see gemv.Linear)
 
     def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
