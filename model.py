@@ -13,7 +13,7 @@ causal attention over the tokens it is given (what a training loop or a logits t
 
 A block's linears go through linear(layer, x, norm, glu, residual, rope): residual + layer(norm(x)) with
 SwiGLU or RoPE if asked. Plain nn.Linear gets exactly that; flint's GPU linears (gemv.py, quantize.py) do the
-norm, the SwiGLU, the residual add (and RoPE with FLINT_GEMV_ROPE=1) inside their matmul kernel in a decode step.
+norm, the SwiGLU, the residual add and RoPE inside their matmul kernel in a decode step.
 """
 import functools
 import math
