@@ -1531,8 +1531,9 @@ _H2_INT4 = [_cfg("int4_h2", 64, 8, 2, 1), _cfg("int4_h2", 64, 2, 1, 1), _cfg("in
             _cfg("int4_h2", 64, 8, 2, 0)]
 # int4_h2p: int4_h2 with AHEAD 0 and its loop's loads pipelined by Triton (cp.async into shared memory, the fifth
 # number the stages): offline (sm_90, Triton 3.6) 64/8/2 with 3 stages holds 79 registers instead of 128 and
-# 9 KB of shared memory, so some 12 programs an SM keep two groups in flight each; not measured on a GPU yet,
-# so not a candidate (FLINT_GEMV_PICKS can name it)
+# 9 KB of shared memory, so some 12 programs an SM keep two groups in flight each. Measured on the H200
+# (.gpu/int4_probe2.py): gate_up 27.6-27.8 us against int4_h2's 28.0-28.6, slower on down (15.5 against 14.1),
+# qkv and o_proj: not a candidate (FLINT_GEMV_PICKS can name it)
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 # int8_mma / int4_mma (tensor cores, 1..8 rows of x read W once): (kernel, BLOCK_N, columns a step (int8) or
