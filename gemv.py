@@ -2267,11 +2267,11 @@ def use_for_linears(model: torch.nn.Module) -> int:
     return n
 
 
-def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
+def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device, row_counts=None) -> None:
     """Run one linear of each shape (anything with in_features/out_features: Linear, the quantized ones)
-    at every row bucket, so each kernel picks its config now rather than on a request's first call of
-    that shape (a server's first short prompt would otherwise wait for the timing)."""
-    buckets = sorted({row_bucket(m) for m in range(1, MAX_M + 1)})
+    at every row bucket (or those of row_counts), so each kernel picks its config now rather than on a
+    request's first call of that shape (a server's first short prompt would otherwise wait for the timing)."""
+    buckets = sorted({row_bucket(m) for m in (row_counts or range(1, MAX_M + 1)) if m <= MAX_M})
     seen = set()
     for name, m in model.named_modules():
         if not (hasattr(m, "in_features") and hasattr(m, "out_features")):

@@ -177,6 +177,9 @@ def run(args):
         batching = "continuous" if args.prompts_file and a.sliding_window is None and drafter is None else "static"
     if batching == "continuous" and drafter is not None:
         raise ValueError("speculative decoding runs with --batching static")
+    if batching == "continuous":  # compile the decode steps these prompts will use before the clock starts
+        warm_s = engine.scheduler.warmup(max_rows=len(prompts), prefill=False)
+        log(args, f"compiled the paged decode step for up to {len(prompts)} sequences in {warm_s:.1f} s")
     with prof:
         if drafter is None:
             results = engine.generate(prompts, params, chat=chat, on_text=on_text, batching=batching)

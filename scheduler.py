@@ -697,25 +697,25 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled or self._inflight)
 
-    def warmup(self):
-        """Compile (and on CUDA capture) every decode bucket and prefill size up front, on scratch
-        block 0, so no request pays for compilation later. Returns the seconds it took."""
+    def warmup(self, max_rows: int | None = None, prefill: bool = True):
+        """Compile (and on CUDA capture) the decode buckets up to max_rows sequences (default: all, up to
+        max_batch) and, with prefill, a few prefill sizes up front, on scratch block 0, so no request pays for
+        compilation later. Returns the seconds it took."""
         t0 = time.perf_counter()
         cache, dev = self.cache, self.engine.device
+        buckets, last = [self._bucket(1)], self._bucket(max_rows or self.max_batch)
+        while buckets[-1] < last:
+            buckets.append(min(self.max_batch, buckets[-1] * 2))
         with torch.inference_mode():
             if dev.type == "cuda":  # gemv.py's kernels time their configs now, not in a request's chunk
-                gemv.tune_linears(self.engine.model, self.engine.dtype, dev)
-            bucket = self._bucket(1)
-            while True:
+                gemv.tune_linears(self.engine.model, self.engine.dtype, dev, buckets if max_rows else None)
+            for bucket in buckets:
                 cache.plan_decode([], [], bucket)
                 zeros = torch.zeros(bucket, 1, dtype=torch.long)
                 self._decode(zeros, zeros)
-                if bucket >= self.max_batch:
-                    break
-                bucket = min(self.max_batch, bucket * 2)
             qb, page = cache.q_block, cache.block_size
             n = qb
-            while n <= max(qb, min(self.max_tokens_per_step, 4 * qb)):  # a few sizes: the kernel is dynamic
+            while prefill and n <= max(qb, min(self.max_tokens_per_step, 4 * qb)):  # a few sizes: the kernel is dynamic
                 cache.plan_prefill([([0] * math.ceil(n / page), 0, n)])  # one chunk of n tokens in block 0
                 self.engine.model(torch.zeros(1, n, dtype=torch.long, device=dev),
                                   torch.zeros(1, n, dtype=torch.long, device=dev), cache,

@@ -654,6 +654,10 @@ def test_tune_linears_picks_a_config_for_every_row_bucket_once_per_shape(monkeyp
     assert calls == [(64, r) for r in buckets] + [(48, r) for r in buckets]  # one layer of each shape
     for N, K in ((48, 64), (40, 48)):
         assert all(gemv.config_for("bf16", r, N, K, device=DEVICE) is not None for r in buckets)
+    calls.clear()  # only the buckets of given row counts (a paged engine's decode buckets): 8 and 16 rows
+    with torch.no_grad():
+        gemv.tune_linears(model, torch.bfloat16, DEVICE, [8, 16, 128])
+    assert calls == [(64, 8), (64, 16), (48, 8), (48, 16)]
 
 def test_tune_linears_tunes_what_a_decode_step_calls(monkeypatch):
     # a Block's one-row calls: qkv_proj with the norm (and RoPE unless FLINT_GEMV_ROPE=0), gate_up_proj with the

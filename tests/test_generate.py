@@ -123,6 +123,24 @@ def test_prompts_file_runs_continuous_batching_and_reports_a_rejected_prompt(cap
     assert static["token_ids"] == rows[0]["token_ids"]
 
 
+def test_prompts_file_compiles_its_decode_steps_before_the_clock_starts(capsys, smollm2_path, tmp_path, monkeypatch):
+    # the paged decode step compiles per batch bucket: generate.py compiles the buckets its prompts can fill
+    # (1 and 2 rows here, not max_batch's) before timing, so "decode tok/s" is decoding, not compilation
+    import scheduler
+    buckets = []
+    forward = scheduler.GraphedForward.__call__
+    monkeypatch.setattr(scheduler.GraphedForward, "__call__", lambda self, tokens, input_pos: (
+        buckets.append(tokens.shape[0]), forward(self, tokens, input_pos))[1])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\nWater boils at\n")
+    code, out, err = run_cli(capsys, "--prompts-file", str(prompts), "--jsonl", "--max-new-tokens", "4",
+                             "--max-seq-len", "512", "--kv-tokens", "2048", "--block-size", "16")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert "compiled the paged decode step for up to 2 sequences" in err
+    assert err.index("compiled the paged decode step") < err.index("TTFT")
+    assert buckets[:2] == [1, 2] and set(buckets) <= {1, 2}  # the warm-up's two buckets, then the run's
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--block-size", "24"], "--block-size 24"),
     (["--max-batch", "0"], "--max-batch 0"),
