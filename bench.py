@@ -751,7 +751,7 @@ def main(argv=None):
     d.add_argument("--repeats", type=at_least(1), default=3)
     d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
     d.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None, help="weight-only quantization")
-    d.add_argument("--group-size", type=int, default=None, help="int4 group size")
+    d.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128), help="int4 group size")
     d.add_argument("--json", action="store_true")
     q = sub.add_parser("quality", help="perplexity of the embedded SmolLM2: fp32, bf16, int8, int4 RTN/GPTQ/AWQ")
     q.add_argument("--device", default="auto")
@@ -815,7 +815,7 @@ def main(argv=None):
     v = sub.add_parser("gemv", help="decode GEMV kernels (cuBLAS, gemv.py, tinygemm) on llama-3-8b shapes (CUDA)")
     v.add_argument("--batch-sizes", default="1,8", help="rows of x (M) to time")
     v.add_argument("--shapes", default=",".join(GEMV_SHAPES), help="subset of qkv,o,gate_up,down,lm_head")
-    v.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    v.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="int4 group size")
     v.add_argument("--min-mb", type=at_least(0), default=256, help="weight copies per kernel hold at least this many MiB (L2 is 50 MB)")
     v.add_argument("--all-configs", action="store_true",
                    help="also time every candidate config of the bf16 and int8 kernels (slow: compiles them all)")

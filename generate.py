@@ -38,7 +38,8 @@ def parse_args(argv=None):
     src.add_argument("--quant", default=None, choices=["int8", "int4", "gguf"],
                      help="weight-only quantization at load: int8 (per channel), int4 (groups of --group-size), "
                           "gguf (a GGUF's Q4/Q8 blocks as they are). GPTQ/AWQ checkpoints: see quantize.py")
-    src.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default) or 128")
+    src.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
+                     help="int4 group size: 32, 64 (default) or 128")
     src.add_argument("--max-seq-len", type=int, default=None, help="KV cache length per sequence (default: the model's context)")
     srv = p.add_argument_group("batching (for --prompts-file)")
     srv.add_argument("--batching", default="auto", choices=["auto", "static", "continuous"],

@@ -84,6 +84,14 @@ def test_bad_input_is_one_line_error(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_unsupported_group_size_is_refused_before_loading(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's usage line and one error line, no model loaded first
+        generate.main(["--prompt", "hi", "--quant", "int4", "--group-size", "48"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--group-size: invalid choice: 48 (choose from 32, 64, 128)" in err
+    assert "loading" not in err and "Traceback" not in err
+
+
 def test_prompt_longer_than_context_is_a_clear_error(capsys, smollm2_path):
     code, out, err = run_cli(capsys, "--prompt", "word " * 100, "--max-seq-len", "32", "--quiet")
     assert code == 2
