@@ -566,8 +566,7 @@ def _kernels():
                    STAGES: tl.constexpr, SPLIT: tl.constexpr, AHEAD: tl.constexpr, PRMT: tl.constexpr,
                    PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False, NORM: tl.constexpr = False,
                    RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
-                   cos_ptr=None, sin_ptr=None, rope_rows=0):
+                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, rope_rows=0):
         # y[m, n] = sum_k x[m, k] w[n, k] (* s[n] if QUANT): w bf16 or int8 [N, K], one row m per program,
         # columns k_lo..k_hi - 1 of split s (all of K when SPLIT == 1); int8 made fp32 by int8_to_f32.
         # NORM: x is RMSNorm(x) with weight g (rms_rstd, rms_scale) as it is read; RES: y + r (store_rows).
@@ -717,9 +716,8 @@ def _kernels():
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                         GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
-                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
-                   cos_ptr=None, sin_ptr=None, rope_rows=0):
+                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0, NORM_ASM: tl.constexpr = False,
+                        ROPE_D: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, rope_rows=0):
         # w: int8 [N, K] read as int32 words [N, K/4] (code 4c + j in byte j), one row m of x per program,
         # tiles of [BN, BK/4] words loaded AHEAD tiles before their math (0: none). A word's four bytes,
         # XORed with 0x80 (q + 128 >= 0), each become the fp32 2^23 + 128 + q with one byte permute (PTX prmt
@@ -787,9 +785,8 @@ def _kernels():
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
-                       r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
-                   cos_ptr=None, sin_ptr=None, rope_rows=0):
+                       r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0, NORM_ASM: tl.constexpr = False,
+                       ROPE_D: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, rope_rows=0):
         # int8_fma's tiles and prefetch, with the products in packed half precision: x is read as int32 words
         # of two bf16 ([M, K/2]) and made fp16 pairs (x[4c], x[4c+1]), (x[4c+2], x[4c+3]); a weight word's
         # four codes, XORed with 0x80, become two fp16 pairs 1024 + 128 + q by two byte permutes under the
@@ -866,9 +863,9 @@ def _kernels():
     def int4_fma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_pn, stride_szn,
                         stride_ym, F128, F2048, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                         AHEAD: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False,
-                        NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
-                   cos_ptr=None, sin_ptr=None, rope_rows=0):
+                        NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None, r_ptr=None, eps=0.0,
+                        NORM_K: tl.constexpr = 0, NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
+                        cos_ptr=None, sin_ptr=None, rope_rows=0):
         # p: int32 words [N, K/8], code 8w+j in bits 4j..4j+3; sz: int32 [N, K/G], scale bits low, zero high.
         # Program (block of BN rows of W, row m of x) x split s: groups s*per .. (s+1)*per - 1, one group a
         # step (words [BN, W], W = G/8: a thread holds a few rows of the same words, so each x it loads
@@ -958,10 +955,9 @@ def _kernels():
                        stride_ym, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
-                       r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0,
-                   NORM_ASM: tl.constexpr = False, ROPE_D: tl.constexpr = 0,
-                   cos_ptr=None, sin_ptr=None, rope_rows=0, STAGES: tl.constexpr = 1,
-                   X_PAIRS: tl.constexpr = False):
+                       r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0, NORM_ASM: tl.constexpr = False,
+                       ROPE_D: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, rope_rows=0, STAGES: tl.constexpr = 1,
+                       X_PAIRS: tl.constexpr = False):
         # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
         # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
         # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
@@ -1875,6 +1871,13 @@ def _rope_fits(cfg, rope, glu, residual) -> bool:
             and rope[0].shape[1] % block_n == 0)
 
 
+def _ops_around_kernel(cfg, glu, norm, residual, rope) -> bool:
+    """Whether config cfg's kernel lacks the norm prologue, residual or RoPE epilogue asked of it (_unfused)."""
+    return ((norm is not None or residual is not None or rope is not None)
+            and (cfg[0].removesuffix("+silu") not in FUSES_NORM_RES
+                 or (rope is not None and not _rope_fits(cfg, rope, glu, residual))))
+
+
 def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None, rope=None):
     """bf16 (scales None) or int8 through the fma, int8_fma, int8_h2, int8_mma, bf16_mma or dot kernel with
     config cfg -> y bf16 [M, N], or with glu (W = [gate; up]) SiLU(gate) * up [M, N / 2]: the fma, h2 and mma
@@ -1882,9 +1885,7 @@ def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None, rope=Non
     RMSNorm(x2) instead of x2 (the fma and h2 kernels as they read x); residual [M, N']: added to the output;
     rope = (cos, sin [M, D] bf16, rows): RoPE on the output's first rows columns (heads of D)."""
     _check_residual(residual, x2.shape[0], w.shape[0], glu)
-    if ((norm is not None or residual is not None or rope is not None)
-            and (cfg[0].removesuffix("+silu") not in FUSES_NORM_RES
-                 or (rope is not None and not _rope_fits(cfg, rope, glu, residual)))):
+    if _ops_around_kernel(cfg, glu, norm, residual, rope):
         run = lambda x_, c, g: _run_dense(x_, w, scales, c, g)  # noqa: E731
         return _unfused(run, x2, cfg, glu, norm, residual, rope)
     if cfg[0].endswith("+silu"):  # the plain kernel (with the norm), then SwiGLU by its own kernel
@@ -1979,9 +1980,7 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
     """int4 through int4_fma_kernel / int4_h2_kernel / int4_mma_kernel / int4_dot_kernel with config cfg
     -> y bf16 [M, N], or SiLU(gate) * up [M, N / 2] with glu (norm, residual, rope as _run_dense)."""
     _check_residual(residual, x2.shape[0], packed.shape[0], glu)
-    if ((norm is not None or residual is not None or rope is not None)
-            and (cfg[0].removesuffix("+silu") not in FUSES_NORM_RES
-                 or (rope is not None and not _rope_fits(cfg, rope, glu, residual)))):
+    if _ops_around_kernel(cfg, glu, norm, residual, rope):
         run = lambda x_, c, g: _run_int4(x_, packed, scales_zeros, group_size, c, g)  # noqa: E731
         return _unfused(run, x2, cfg, glu, norm, residual, rope)
     if cfg[0].endswith("+silu"):  # the plain kernel (with the norm), then SwiGLU by its own kernel
@@ -2211,9 +2210,7 @@ def rope_enabled() -> bool:
 def rope_after(forward, x, glu, norm, residual, rope):
     """forward(x, glu, norm) (the norm still in the kernel where it can), then RoPE and the residual add as plain
     ops."""
-    cos, sin, heads = rope
-    y = rope_heads(forward(x, glu, norm), cos, sin, heads * cos.shape[-1])
-    return y if residual is None else residual + y
+    return unfused(lambda x_, g: forward(x_, g, norm), x, glu, None, residual, rope)
 
 
 def ops_outside_kernel(layer, x, glu, norm, residual, rope, kernel: bool):
