@@ -956,8 +956,7 @@ def _kernels():
                        AHEAD: tl.constexpr, ASM: tl.constexpr, PEEL: tl.constexpr, PDL: tl.constexpr,
                        GLU: tl.constexpr = False, NORM: tl.constexpr = False, RES: tl.constexpr = False, g_ptr=None,
                        r_ptr=None, eps=0.0, NORM_K: tl.constexpr = 0, NORM_ASM: tl.constexpr = False,
-                       ROPE_D: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, rope_rows=0, STAGES: tl.constexpr = 1,
-                       X_PAIRS: tl.constexpr = False):
+                       ROPE_D: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, rope_rows=0, STAGES: tl.constexpr = 1):
         # int4_fma's tiles, splits and prefetch with the products in packed half precision (as int8_h2): x
         # read as int32 words of two bf16 ([M, K/2]) and made fp16 pairs (x[8w+j], x[8w+j+4]), j = 0..3; a
         # word's nibbles j and j + 4 become the fp16 pair 1024 + q (or 1024 + 16 q for the odd ones, left in
@@ -969,7 +968,6 @@ def _kernels():
         s = tl.program_id(1)
         m, rn, rn_in = row_block(M, N, BLOCK_N, GLU, ROPE_D)
         x_off = 4 * tl.arange(0, W)[:, None] + tl.arange(0, 4)[None, :]          # [W, 4]: x word 4w + i
-        x_off2 = 4 * tl.arange(0, W)[:, None] + tl.arange(0, 2)[None, :]         # [W, 2]: x word 4w + i, i < 2
         x_row = x_ptr + m * stride_xm                                             # x as int32 words
         p_off, sz_row, g_lo, g_hi, tile0, row0, words, sz = int4_group_tile(
             p_ptr, sz_ptr, rn_in, stride_pn, stride_szn, K, GROUP, BLOCK_N, SPLIT)
@@ -992,30 +990,14 @@ def _kernels():
             else:
                 words = tl.load(p_ptr + g * W + p_off)
                 sz = tl.load(sz_row + g)
-            if X_PAIRS:  # ("int4_h2x") x words 4w, 4w + 1 and 4w + 2, 4w + 3 as two [W, 2] loads, which Triton
-                # gives the words' column layout straight away: no pass through shared memory for x
-                x_at = x_row + g * (GROUP // 2) + x_off2
-                xa = tl.load(x_at)
-                xb = tl.load(x_at + 2)
-                if NORM:
-                    xa = rms_scale_pairs(xa, tl.load(g_ptr + g * (GROUP // 2) + x_off2), rstd, ASM)
-                    xb = rms_scale_pairs(xb, tl.load(g_ptr + g * (GROUP // 2) + x_off2 + 2), rstd, ASM)
-                xw0, xw1 = tl.split(xa)                                           # [W] each
-                xw2, xw3 = tl.split(xb)
-                pair_sums = ((xw0 << 16).to(tl.float32, bitcast=True) + (xw0 & -65536).to(tl.float32, bitcast=True)
-                             + (xw1 << 16).to(tl.float32, bitcast=True) + (xw1 & -65536).to(tl.float32, bitcast=True)
-                             + (xw2 << 16).to(tl.float32, bitcast=True) + (xw2 & -65536).to(tl.float32, bitcast=True)
-                             + (xw3 << 16).to(tl.float32, bitcast=True) + (xw3 & -65536).to(tl.float32, bitcast=True))
-                x_sum = tl.sum(pair_sums, axis=0)
-            else:
-                xw = tl.load(x_row + g * (GROUP // 2) + x_off)                   # [W, 4]: (x[8w+2i], x[8w+2i+1])
-                if NORM:
-                    xw = rms_scale_pairs(xw, tl.load(g_ptr + g * (GROUP // 2) + x_off), rstd, ASM)
-                xa, xb = tl.split(tl.reshape(xw, (W, 2, 2)))                      # [W, 2]: i = 0, 2 / 1, 3
-                xw0, xw2 = tl.split(xa)
-                xw1, xw3 = tl.split(xb)
-                pair_sums = (xw << 16).to(tl.float32, bitcast=True) + (xw & -65536).to(tl.float32, bitcast=True)
-                x_sum = tl.sum(tl.sum(pair_sums, axis=1), axis=0)
+            xw = tl.load(x_row + g * (GROUP // 2) + x_off)                       # [W, 4]: (x[8w+2i], x[8w+2i+1])
+            if NORM:
+                xw = rms_scale_pairs(xw, tl.load(g_ptr + g * (GROUP // 2) + x_off), rstd, ASM)
+            xa, xb = tl.split(tl.reshape(xw, (W, 2, 2)))                          # [W, 2]: i = 0, 2 / 1, 3
+            xw0, xw2 = tl.split(xa)
+            xw1, xw3 = tl.split(xb)
+            pair_sums = (xw << 16).to(tl.float32, bitcast=True) + (xw & -65536).to(tl.float32, bitcast=True)  # [W, 4]
+            x_sum = tl.sum(tl.sum(pair_sums, axis=1), axis=0)
             scale = (sz << 16).to(tl.float32, bitcast=True)
             zero = (sz & -65536).to(tl.float32, bitcast=True)
             zacc += zero * x_sum
@@ -1548,12 +1530,9 @@ _H2_INT4 = [_cfg("int4_h2", 64, 8, 2, 1), _cfg("int4_h2", 64, 2, 1, 1), _cfg("in
 # 9 KB of shared memory, so some 12 programs an SM keep two groups in flight each. Measured on the H200
 # (.gpu/int4_probe2.py): gate_up 27.6-27.8 us against int4_h2's 28.0-28.6, slower on down (15.5 against 14.1),
 # qkv and o_proj: not a candidate (FLINT_GEMV_PICKS can name it).
-# int4_h2x: int4_h2 with x loaded as two [W, 2] tiles that Triton lays out as the words' columns, instead of one
-# [W, 4] tile that goes through shared memory to get there: offline (sm_90, Triton 3.6) 64/4/2 has 2 barriers a
-# group instead of 7, 128/8/4 2 instead of 4 and 95 registers instead of 128 (the 1-warp configs gain nothing),
-# for about as many instructions; but with the norm prologue each thread normalizes the x it reads, which the
-# [W, 4] tile spreads over the program (64/4/2: 512 instructions a group against 380). Not measured on a GPU
-# yet (.gpu/int4_probe3.py times it), so not a candidate
+# int4_h2 with x loaded as two [W, 2] tiles in the words' layout (offline: 2 barriers a group instead of 7)
+# was tried and measured slower on the H200 (llama-3-8b int4 g128 decode 457 against 478 tok/s, the same picks
+# pinned: benchmarks/int4_x_pairs_ab.sh at 617153d); not kept
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 # int8_mma / int4_mma (tensor cores, 1..8 rows of x read W once): (kernel, BLOCK_N, columns a step (int8) or
@@ -1824,8 +1803,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
-FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p",
-                  "int4_h2x")  # kernels with NORM, RES
+FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p")  # kernels with NORM, RES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -2000,8 +1978,7 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
     if kernel == "int4_mma" and (M > 8 or group_size not in (32, 64, 128)):  # B has 8 columns
         kernel = "int4_h2"
     pipelined = kernel == "int4_h2p"  # int4_h2 with its loads pipelined by Triton: the fifth number is stages
-    x_pairs = kernel == "int4_h2x"  # int4_h2 with x loaded in the words' layout
-    kernel = "int4_h2" if pipelined or x_pairs else kernel
+    kernel = "int4_h2" if pipelined else kernel
     if kernel in ("int4_h2", "int4_mma") and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # x not readable as bf16 pairs
         kernel = "int4_fma"
     if kernel in ("int4_fma", "int4_h2", "int4_mma"):
@@ -2020,8 +1997,6 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
         flags.update(_prologue_epilogue(norm, residual, K, pairs=kernel != "int4_fma", rope=rope))
         if pipelined and kernel == "int4_h2":
             flags["STAGES"] = stages
-        if x_pairs and kernel == "int4_h2":
-            flags["X_PAIRS"] = True
         ahead, n_stages = (0, stages) if pipelined else (stages, 1)
         _kernels()[kernel][(grid[0], split)](
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),

@@ -271,25 +271,6 @@ def test_int4_pipelined_loads_give_the_same_sums():
                        gemv._run_int4(x, packed, sz, 128, ("int4_h2", 32, 2, 1, 0), False, (g, 1e-5), r))
 
 
-def test_int4_x_loaded_in_the_words_layout_gives_the_same_sums():
-    # "int4_h2x" (not a tuning candidate until measured): int4_h2 with x read as two [W, 2] tiles; the same
-    # products, x's group sums added in another order (fp32): K splits, GLU, the norm and the residual, RoPE
-    x, packed, sz, ref = int4_problem(1, 98, 640, 128)
-    g = torch.rand(640, dtype=torch.bfloat16, device=DEVICE) + 0.5
-    r = torch.randn(1, 98, dtype=torch.bfloat16, device=DEVICE)
-    for cfg in [("int4_h2x", 32, 2, 1, 1), ("int4_h2x", 64, 1, 2, 0), ("int4_h2x", 16, 4, 1, 1)]:
-        plain = ("int4_h2",) + cfg[1:]
-        for glu, norm, res in [(False, None, None), (True, None, None), (False, (g, 1e-5), r), (True, (g, 1e-5), None)]:
-            want = gemv._run_int4(x, packed, sz, 128, plain, glu, norm, res).float()
-            got = gemv._run_int4(x, packed, sz, 128, cfg, glu, norm, res).float()
-            assert (got - want).abs().max() <= 2e-3 * want.abs().max(), (cfg, glu, norm is not None)
-    cos, sin = torch.rand(1, 16, device=DEVICE) * 2 - 1, torch.rand(1, 16, device=DEVICE) * 2 - 1
-    rope = (cos.to(torch.bfloat16), sin.to(torch.bfloat16), 64)  # 6 heads of 16 rows, the first 4 rotated
-    want = gemv._run_int4(x, packed[:96], sz[:96], 128, ("int4_h2", 16, 2, 1, 1), False, (g, 1e-5), None, rope)
-    got = gemv._run_int4(x, packed[:96], sz[:96], 128, ("int4_h2x", 16, 2, 1, 1), False, (g, 1e-5), None, rope)
-    assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
-
-
 def test_glu_epilogue_with_k_splits_and_bad_shapes():
     # K splits (the last program of a pair block adds the partials, then pairs them), an mma tile row past
     # F, and an odd number of rows, which has no [gate; up] halves
