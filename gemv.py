@@ -1714,6 +1714,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
                 copies, in_graph = [weights], False
                 torch.cuda.empty_cache()
                 warnings.warn(f"gemv: no memory for weight copies to time {key} in a graph: do_bench instead")
+        compile_candidates(configs, launch, weights)
         times = {}
         for c in configs:
             try:
@@ -1771,6 +1772,45 @@ def _pdl_args(device: torch.device) -> dict:
     return {"PEEL": _PEEL_WITHOUT_PDL, "PDL": False}
 
 
+_COMPILE_ONLY = False  # inside compile_candidates: launches compile their kernel and run nothing
+
+
+def _launch(name: str, grid: tuple, *args, **kwargs) -> None:
+    kernel = _kernels()[name]
+    if _COMPILE_ONLY:
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def compile_candidates(configs: list[tuple], launch, weights: tuple) -> None:
+    """Compiles the kernels of configs (launch(config, *weights) as _pick calls it) in threads, all at once,
+    so that timing them one by one after finds them compiled: a cold start compiles some 100 kernels (int4 on
+    llama-3-8b: ~1 min one at a time), and Triton's compiler runs its passes and ptxas outside the GIL.
+    Without Triton's async compile mode (older Triton) it does nothing: each compiles as it is first timed."""
+    global _COMPILE_ONLY
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(len(configs), os.cpu_count() or 1, 16)
+    if workers < 2 or os.environ.get("FLINT_GEMV_PARALLEL_COMPILE", "1") == "0":
+        return
+    _COMPILE_ONLY = True
+    try:
+        # a config that fails to compile fails again when timed, which reports it
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for c in configs:
+                try:
+                    launch(c, *weights)
+                except Exception:
+                    pass
+    finally:
+        _COMPILE_ONLY = False
+
+
 def _grid_rows(kernel: str, M: int, N: int, block_n: int) -> tuple:
     """fma and h2 kernels: a program per (block of W rows, row of x), rows of x fastest; dot and mma kernels:
     per block (all rows of x at once)."""
@@ -1795,7 +1835,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     if y.dim() == 2 and y.stride(1) == 1 and available(y):
         out = torch.empty(y.shape[0], half, dtype=y.dtype, device=y.device)
         pdl = _pdl_args(y.device)
-        _kernels()["glu"][(-(-half // 512), y.shape[0])](y, out, half, y.stride(0), out.stride(0), BLOCK=512,
+        _launch("glu", (-(-half // 512), y.shape[0]), y, out, half, y.stride(0), out.stride(0), BLOCK=512,
                                                           PDL=pdl["PDL"], num_warps=2,
                                                           **({"launch_pdl": True} if pdl["PDL"] else {}))
         return out
@@ -1901,21 +1941,21 @@ def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None, rope=Non
         words, xs = w.view(torch.int32), x2.view(torch.int32)  # times 16 (four int8 codes a word) or 8 (two bf16)
         common["WPL"] = block_k // (16 if quant else 8)
         del common["BLOCK_K"]
-        _kernels()[kernel][(grid[0], split)](
+        _launch(kernel, (grid[0], split),
             xs, words, scales, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
             ASM=not _interpret(), num_stages=1, **common)
     elif kernel in ("int8_fma", "int8_h2"):
         words = w.view(torch.int32)  # [N, K / 4]
         xs = x2.view(torch.int32) if kernel == "int8_h2" else x2  # h2 reads x as bf16 pairs [M, K / 2]
-        _kernels()[kernel][(grid[0], split)](
+        _launch(kernel, (grid[0], split),
             xs, words, s, y, part, count, M, N, K, xs.stride(0), words.stride(0), y.stride(0), AHEAD=ahead,
             ASM=not _interpret(), num_stages=1, **common)  # the interpreter has no PTX: plain path
     elif kernel in ("fma", "fma_prmt"):
-        _kernels()["fma"][(grid[0], split)](
+        _launch("fma", (grid[0], split),
             x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), QUANT=quant, STAGES=stages,
             num_stages=stages, AHEAD=ahead, PRMT=kernel == "fma_prmt" and not _interpret(), **common)
     else:
-        _kernels()["dot"][(grid[0], split)](
+        _launch("dot", (grid[0], split),
             x2, w, s, y, part, count, M, N, K, x2.stride(0), w.stride(0), y.stride(0), QUANT=quant, STAGES=stages,
             num_stages=stages, BLOCK_M=_block_m(M), **common)
     return y
@@ -1998,12 +2038,12 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
         if pipelined and kernel == "int4_h2":
             flags["STAGES"] = stages
         ahead, n_stages = (0, stages) if pipelined else (stages, 1)
-        _kernels()[kernel][(grid[0], split)](
+        _launch(kernel, (grid[0], split),
             xs, words, sz, y, part, count, M, N, K, xs.stride(0), words.stride(0), sz.stride(0), y.stride(0),
             *extra, GROUP=group_size, BLOCK_N=block_n, SPLIT=split, AHEAD=ahead, num_warps=warps,
             num_stages=n_stages, **flags, **_pdl_args(x2.device))
     else:
-        _kernels()["int4_dot"][_grid_rows(kernel, M, N, block_n)](
+        _launch("int4_dot", _grid_rows(kernel, M, N, block_n),
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
             GROUP=group_size, BLOCK_M=_block_m(M), BLOCK_N=block_n, STAGES=stages, num_warps=warps,
             num_stages=stages)
@@ -2017,7 +2057,7 @@ def int4_dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size
     if available(packed):
         w = torch.empty(N, K, dtype=torch.bfloat16, device=packed.device)
         grid = (-(-N // 32), -(-K // 256))
-        _kernels()["int4_dequant"][grid](packed, scales_zeros, w, N, K, GROUP=group_size, BLOCK_N=32, BLOCK_K=256)
+        _launch("int4_dequant", grid, packed, scales_zeros, w, N, K, GROUP=group_size, BLOCK_N=32, BLOCK_K=256)
         return w
     q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(N, K).float()
     sz = scales_zeros.float()
