@@ -618,6 +618,7 @@ def bench_gemv(opts) -> list[dict]:
 
     import gemv
 
+    os.environ.setdefault("FLINT_GEMV_CACHE", "0")  # time every shape's candidates (gemv_tune rows), not stored picks
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("bench.py gemv needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -115,10 +115,13 @@ bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode bat
 "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64
 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
 Without Triton (or on CPU without the interpreter) the ops compute the same thing with torch. The first call
-for a (shape, row bucket) times the candidates on the GPU in a CUDA graph of back-to-back calls over weight
-copies larger than L2, as a decode step runs them (a few seconds per model at warm-up, compiles included; FLINT_GEMV_TUNE=bench times one call at a time with do_bench
-instead, FLINT_GEMV_TUNE=0 takes the first candidate untimed, FLINT_GEMV_PICKS pins configs per shape).
-tuning_log() tells what was chosen and measured. FLINT_GEMV_MMA=0 leaves the mma kernels out.
+for a (shape, row bucket) compiles the candidates all at once in threads (compile_candidates), then times them
+on the GPU in a CUDA graph of back-to-back calls over weight copies larger than L2, as a decode step runs them
+(FLINT_GEMV_TUNE=bench times one call at a time with do_bench instead, FLINT_GEMV_TUNE=0 takes the first
+candidate untimed, FLINT_GEMV_PICKS pins configs per shape). The picks persist in ~/.cache/flint/gemv_picks.json
+per GPU, torch, Triton and gemv.py version, so only a machine's first run pays the timing (FLINT_GEMV_CACHE:
+another file, 0: tune in every process). tuning_log() tells what was chosen and measured (picks taken from the
+file have no timings). FLINT_GEMV_MMA=0 leaves the mma kernels out.
 """
 import functools
 import os
@@ -1646,7 +1649,81 @@ def _pinned_picks(text: str) -> dict[str, tuple]:
                          f"\"op M.. N.. K..\": \"kernel/n/n/n/n\" entries ({e})") from None
 
 
+def _picks_file() -> Optional[str]:
+    """Where picks persist between processes: FLINT_GEMV_CACHE (a file path; 0 turns it off), by default
+    $XDG_CACHE_HOME/flint/gemv_picks.json (~/.cache/...)."""
+    path = os.environ.get("FLINT_GEMV_CACHE")
+    if path in ("0", ""):
+        return None
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "flint", "gemv_picks.json")
+    return path
+
+
+@functools.cache
+def _tuning_context(device_index: int) -> str:
+    """What a persisted pick holds for: the GPU, torch, Triton and this file's kernels (any edit retunes)."""
+    import hashlib
+
+    import triton
+
+    with open(__file__, "rb") as f:
+        source = hashlib.sha1(f.read()).hexdigest()[:12]
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return (f"{torch.cuda.get_device_name(device_index)} sm_{major}{minor} | torch {torch.__version__} | "
+            f"triton {triton.__version__} | gemv.py {source} | PDL {int(pdl_supported(device_index))}")
+
+
+def _read_picks(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            picks = json.load(f)
+        return picks if isinstance(picks, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: tune
+        return {}
+
+
+def stored_pick(key: tuple, context: str, configs: list[tuple]) -> Optional[tuple]:
+    """The config an earlier process picked for key in this context, if it is still one of configs."""
+    path = _picks_file()
+    if path is None:
+        return None
+    name = _read_picks(path).get(context, {}).get(pick_name(key))
+    if not isinstance(name, str):
+        return None
+    cfg = tuple(int(p) if p.isdigit() else p for p in name.split("/"))
+    return cfg if cfg in configs else None
+
+
+def store_pick(key: tuple, context: str, cfg: tuple) -> None:
+    """Adds key's pick to the picks file (read again and replaced whole: processes tuning at once, such as
+    tensor-parallel ranks, lose nothing but each other's last entries, which they then tune again)."""
+    import json
+    import tempfile
+
+    path = _picks_file()
+    if path is None:
+        return
+    picks = _read_picks(path)
+    entries = picks.get(context) if isinstance(picks.get(context), dict) else {}
+    entries[pick_name(key)] = "/".join(map(str, cfg))
+    picks[context] = entries
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(picks, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: tune in every process
+        warnings.warn(f"gemv: cannot store tuning picks in {path} ({e}); set FLINT_GEMV_CACHE to a writable file")
+        os.environ["FLINT_GEMV_CACHE"] = "0"
+
+
 TUNE_BYTES = 160 << 20  # weight copies timed together: over 3x the H200's 50 MB L2, so W comes from memory
+TUNE_COPIES = 512  # at most: tiny weights (tests' shapes) would otherwise need ~10^4 copies, 2x that many launches a graph
 
 
 @functools.cache
@@ -1702,6 +1779,11 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
                       f"(run the op once before capturing)")
         tune = False
     if tune:
+        context = f"{_tuning_context(device.index if device.index is not None else torch.cuda.current_device())} | {mode}"
+        stored = stored_pick(key, context, configs)
+        if stored is not None:  # timed by an earlier process on this GPU with these kernels
+            _best[key] = stored
+            return stored
         from triton.testing import do_bench
 
         in_graph = mode != "bench"
@@ -1709,7 +1791,8 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
         if in_graph:
             nbytes = sum(t.numel() * t.element_size() for t in weights)
             try:
-                copies += [tuple(t.clone() for t in weights) for _ in range(-(-TUNE_BYTES // max(nbytes, 1)) - 1)]
+                copies += [tuple(t.clone() for t in weights)
+                           for _ in range(min(-(-TUNE_BYTES // max(nbytes, 1)), TUNE_COPIES) - 1)]
             except torch.cuda.OutOfMemoryError:  # a full GPU (a KV pool sized to the brim): time the old way
                 copies, in_graph = [weights], False
                 torch.cuda.empty_cache()
@@ -1735,6 +1818,8 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
         handicap = NO_PDL_HANDICAP if _pdl_args(device).get("PDL") and not in_graph else 1.0
         cfg = min(times, key=lambda c: times[c] * (handicap if c[0] == "dequant" else 1.0))
         _timings[key] = times
+        if times[cfg] < float("inf"):
+            store_pick(key, context, cfg)
     _best[key] = cfg
     return cfg
 

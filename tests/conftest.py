@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
     # before anything imports triton (torch.compile may, in any test), so it is switched on here, first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# gemv's tuner (on a GPU) keeps its picks in ~/.cache/flint: the tests tune afresh and leave the user's file alone
+os.environ["FLINT_GEMV_CACHE"] = "0"
 
 
 @pytest.fixture(scope="session")

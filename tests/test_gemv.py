@@ -556,6 +556,52 @@ def test_pinned_picks_skip_the_tuner(monkeypatch, tmp_path):
         gemv.bf16_linear(x.to(DEVICE), w)
 
 
+def test_picks_persist_between_processes(monkeypatch, tmp_path):
+    """The tuner's picks go to a JSON file (FLINT_GEMV_CACHE) per context (GPU, versions, gemv.py's hash): a
+    later process takes them back untimed while they are still among the candidates."""
+    path = tmp_path / "cache" / "picks.json"
+    monkeypatch.setenv("FLINT_GEMV_CACHE", str(path))
+    key = gemv._key("int4", 1, 4096, 4096, 128, torch.device("cpu"))
+    configs = gemv.candidates("int4", 1, 4096, 128)
+    assert gemv.stored_pick(key, "gpu A", configs) is None
+    gemv.store_pick(key, "gpu A", configs[3])
+    other = gemv._key("bf16", 2, 64, 64, 0, torch.device("cpu"))
+    gemv.store_pick(other, "gpu A", gemv.DEQUANT)
+    gemv.store_pick(key, "gpu B", configs[1])
+    assert gemv.stored_pick(key, "gpu A", configs) == configs[3]
+    assert gemv.stored_pick(other, "gpu A", gemv.candidates("bf16", 2, 64)) == gemv.DEQUANT
+    assert gemv.stored_pick(key, "gpu B", configs) == configs[1]
+    assert gemv.stored_pick(key, "gpu C", configs) is None
+    assert gemv.stored_pick(key, "gpu A", configs[:3]) is None  # no longer a candidate: tune again
+    path.write_text("{not json")
+    assert gemv.stored_pick(key, "gpu A", configs) is None
+    gemv.store_pick(key, "gpu A", configs[2])  # a broken file is replaced
+    assert gemv.stored_pick(key, "gpu A", configs) == configs[2]
+    monkeypatch.setenv("FLINT_GEMV_CACHE", "0")
+    assert gemv.stored_pick(key, "gpu A", configs) is None
+    gemv.store_pick(key, "gpu A", configs[0])
+    monkeypatch.setenv("FLINT_GEMV_CACHE", str(path))
+    assert gemv.stored_pick(key, "gpu A", configs) == configs[2]
+
+
+@pytest.mark.skipif(not CUDA, reason="the tuner times on a GPU only")
+def test_tuner_takes_a_stored_pick_without_timing(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLINT_GEMV_CACHE", str(tmp_path / "picks.json"))
+    monkeypatch.delenv("FLINT_GEMV_PICKS", raising=False)
+    monkeypatch.setattr(gemv, "_best", {})
+    x, w = problem(1, 384, 512)
+    w = w.to(torch.bfloat16)
+    ref = x.float() @ w.float().t()
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    close(gemv.bf16_linear(x, w), ref)
+    key = gemv._key("bf16", 1, 384, 512, 0, x.device)
+    picked = gemv._best[key]
+    monkeypatch.setattr(gemv, "_best", {})  # a new process
+    monkeypatch.setattr(gemv, "time_in_graph", lambda *a: pytest.fail("timed again"))
+    close(gemv.bf16_linear(x, w), ref)
+    assert gemv._best[key] == picked
+
+
 def test_prefill_rows_fall_back_to_dequantize_and_matmul():
     M, N, K, G = 70, 48, 256, 64  # M > MAX_M
     x, packed, sz, ref = int4_problem(M, N, K, G)
