@@ -120,9 +120,11 @@ on the GPU in a CUDA graph of back-to-back calls over weight copies larger than 
 (FLINT_GEMV_TUNE=bench times one call at a time with do_bench instead, FLINT_GEMV_TUNE=0 takes the first
 candidate untimed, FLINT_GEMV_PICKS pins configs per shape). The picks persist in ~/.cache/flint/gemv_picks.json
 per GPU, torch, Triton and gemv.py version, so only a machine's first run pays the timing (FLINT_GEMV_CACHE:
-another file, 0: tune in every process). tuning_log() tells what was chosen and measured (picks taken from the
+another file, 0: tune in every process). Inside gemv.no_tuning() (the engine's prefills) new shapes run their
+default config untimed and stay untuned. tuning_log() tells what was chosen and measured (picks taken from the
 file have no timings). FLINT_GEMV_MMA=0 leaves the mma kernels out.
 """
+import contextlib
 import functools
 import os
 import warnings
@@ -1758,6 +1760,23 @@ def time_in_graph(call, copies: int, calls: int) -> float:
     return best
 
 
+_untimed = 0  # > 0 inside no_tuning()
+
+
+@contextlib.contextmanager
+def no_tuning():
+    """Calls inside take their shape's pick so far, or else its default config untimed, and leave the shape
+    untuned: for one-off calls such as a single prompt's prefill (6 tokens: the 8-row bucket, whose candidates
+    took 41 of a cold int4 start's 78 s on the H200 for microseconds once), whose row count a decode batch may
+    later want tuned."""
+    global _untimed
+    _untimed += 1
+    try:
+        yield
+    finally:
+        _untimed -= 1
+
+
 def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weights: tuple = ()):
     """The config for key: on first sight on a GPU, the fastest of configs, unless FLINT_GEMV_PICKS names
     one. launch(config, *weights) runs the op; each config is timed in a CUDA graph over copies of weights
@@ -1771,6 +1790,8 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
     if pinned is not None:
         _best[key] = pinned
         return pinned
+    if _untimed:
+        return configs[0]
     cfg = configs[0]
     mode = os.environ.get("FLINT_GEMV_TUNE", "1")
     tune = device.type == "cuda" and not _interpret() and len(configs) > 1 and mode != "0"

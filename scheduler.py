@@ -504,7 +504,8 @@ class Engine:
             cache.attend_upto(longest)
         tokens = history[:, :longest].clamp(min=0)
         pos = torch.tensor(lens, device=dev)  # [B]: where each row's next token goes
-        logits = self.model(tokens, None, cache, logits_at=pos - 1)[:, 0]  # [B, vocab]; None: from 0
+        with gemv.no_tuning():  # a one-off row count: gemv's default kernels, nothing compiled and timed for it
+            logits = self.model(tokens, None, cache, logits_at=pos - 1)[:, 0]  # [B, vocab]; None: from 0
         next_tok = sample(logits, params, generator, penalty_history)
 
         eos = set() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
@@ -988,8 +989,9 @@ class Scheduler:
                 cache.publish_full_blocks(seq.tokens, seq.num_computed, seq.block_table, seq.block_hashes)
         cache.plan_prefill(plan)
         logits_at = torch.tensor([ends], dtype=torch.long, device=dev)  # [1, K]
-        logits = self.engine.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
-                                   cache, logits_at=logits_at)[0]  # [K, vocab]
+        with gemv.no_tuning():  # a request's prefill never waits for gemv to time a new row count's kernels
+            logits = self.engine.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev),
+                                       cache, logits_at=logits_at)[0]  # [K, vocab]
         if not done:
             return None
         seqs, rows = [], []

@@ -133,3 +133,25 @@ def test_metrics_summary_without_decode_steps():
     running = Metrics(batch_size=1, new_tokens=11, ttft_s=0.08, decode_s=0.5, decode_steps=10, decode_tok_per_s=20.0,
                       weight_bytes_per_step=10**9)
     assert "20.0 tok/s" in running.summary() and "~20.0 GB/s" in running.summary()
+
+
+def test_prefill_leaves_gemv_untuned_and_decode_does_not(engine, monkeypatch):
+    # a prompt's prefill is a one-off row count: on a GPU gemv would compile and time ~10 kernels for it
+    # (gemv.no_tuning); decode steps tune as before. Static batching, then continuous (paged) batching.
+    import gemv
+    from scheduler import Engine
+
+    calls = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward",
+                        lambda tokens, *a, **k: calls.append((tokens.shape[1], gemv._untimed)) or forward(tokens, *a, **k))
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    engine.generate(["The capital of France is"], params)
+    assert calls[0][0] > 1 and calls[0][1] == 1 and calls[1:] == [(1, 0), (1, 0)]
+    calls.clear()
+    paged = Engine(engine.model, engine.tokenizer, engine.device, engine.dtype, max_seq_len=256, kv_tokens=1024,
+                   block_size=16, max_batch=4, max_tokens_per_step=64)
+    paged.generate(["The capital of France is"], params)
+    prefill = [u for n, u in calls if n > 1]
+    assert prefill and all(u == 1 for u in prefill) and all(u == 0 for n, u in calls if n == 1)
+    assert gemv._untimed == 0

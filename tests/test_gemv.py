@@ -584,6 +584,25 @@ def test_picks_persist_between_processes(monkeypatch, tmp_path):
     assert gemv.stored_pick(key, "gpu A", configs) == configs[2]
 
 
+def test_no_tuning_takes_the_default_and_keeps_nothing(monkeypatch):
+    monkeypatch.delenv("FLINT_GEMV_PICKS", raising=False)
+    monkeypatch.setattr(gemv, "_best", {})
+    key = gemv._key("int4", 8, 960, 576, 64, torch.device("cpu"))
+    configs = gemv.candidates("int4", 8, 576, 64)
+
+    def launch(*args):
+        raise AssertionError("timed")
+
+    with gemv.no_tuning():
+        with gemv.no_tuning():
+            assert gemv._pick(key, configs, launch, torch.device("cuda")) == configs[0]
+        assert gemv._pick(key, configs, launch, torch.device("cuda")) == configs[0]
+    assert gemv._untimed == 0 and key not in gemv._best  # a later decode batch of 8 rows still tunes
+    gemv._best[key] = configs[2]
+    with gemv.no_tuning():
+        assert gemv._pick(key, configs, launch, torch.device("cuda")) == configs[2]  # a pick made is used
+
+
 @pytest.mark.skipif(not CUDA, reason="the tuner times on a GPU only")
 def test_tuner_takes_a_stored_pick_without_timing(monkeypatch, tmp_path):
     monkeypatch.setenv("FLINT_GEMV_CACHE", str(tmp_path / "picks.json"))
