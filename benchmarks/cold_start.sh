@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cold start of `bench.py decode` (fresh Triton and inductor caches each run): gemv's tuner compiling its
+# Cold start of `bench.py decode` (fresh Triton, inductor and gemv-picks caches each run): gemv's tuner compiling its
 # candidates one at a time as it times them (FLINT_GEMV_PARALLEL_COMPILE=0) against all at once in threads
 # (the default). Prints compile_s (start of the request to its first decoded token) and the process's wall time.
 #   benchmarks/cold_start.sh --preset llama-3-8b --quant int4 --group-size 128
@@ -9,7 +9,8 @@ python -c "import torch, triton; from importlib.util import find_spec as f; prin
 for parallel in ${PARALLEL:-0 1}; do
   cache=$(mktemp -d)
   t0=$(date +%s.%N)
-  TRITON_CACHE_DIR=$cache/triton TORCHINDUCTOR_CACHE_DIR=$cache/inductor FLINT_GEMV_PARALLEL_COMPILE=$parallel \
+  TRITON_CACHE_DIR=$cache/triton TORCHINDUCTOR_CACHE_DIR=$cache/inductor FLINT_GEMV_CACHE=$cache/picks.json \
+    FLINT_GEMV_PARALLEL_COMPILE=$parallel \
     python bench.py decode "$@" --no-ref --repeats 1 --json > "$cache/row.json"
   t1=$(date +%s.%N)
   python - "$cache/row.json" "$parallel" "$t0" "$t1" <<'PY'
