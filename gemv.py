@@ -127,6 +127,7 @@ file have no timings). FLINT_GEMV_MMA=0 leaves the mma kernels out.
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from typing import Optional
 
@@ -1878,12 +1879,12 @@ def _pdl_args(device: torch.device) -> dict:
     return {"PEEL": _PEEL_WITHOUT_PDL, "PDL": False}
 
 
-_COMPILE_ONLY = False  # inside compile_candidates: launches compile their kernel and run nothing
+_compiling = threading.local()  # .only: inside compile_candidates, this thread's launches compile and run nothing
 
 
 def _launch(name: str, grid: tuple, *args, **kwargs) -> None:
     kernel = _kernels()[name]
-    if _COMPILE_ONLY:
+    if getattr(_compiling, "only", False):
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
@@ -1892,9 +1893,9 @@ def _launch(name: str, grid: tuple, *args, **kwargs) -> None:
 def compile_candidates(configs: list[tuple], launch, weights: tuple) -> None:
     """Compiles the kernels of configs (launch(config, *weights) as _pick calls it) in threads, all at once,
     so that timing them one by one after finds them compiled: a cold start compiles some 100 kernels (int4 on
-    llama-3-8b: ~1 min one at a time), and Triton's compiler runs its passes and ptxas outside the GIL.
-    Without Triton's async compile mode (older Triton) it does nothing: each compiles as it is first timed."""
-    global _COMPILE_ONLY
+    llama-3-8b: 59 s one at a time on the H200's machine, 25 s in its 16 threads: ptxas and much of Triton's
+    passes run outside the GIL). Launches in other threads run as usual. Without Triton's async compile mode
+    (older Triton) it does nothing: each kernel compiles as it is first timed."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
@@ -1904,7 +1905,7 @@ def compile_candidates(configs: list[tuple], launch, weights: tuple) -> None:
     workers = min(len(configs), os.cpu_count() or 1, 16)
     if workers < 2 or os.environ.get("FLINT_GEMV_PARALLEL_COMPILE", "1") == "0":
         return
-    _COMPILE_ONLY = True
+    _compiling.only = True
     try:
         # a config that fails to compile fails again when timed, which reports it
         with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
@@ -1914,7 +1915,7 @@ def compile_candidates(configs: list[tuple], launch, weights: tuple) -> None:
                 except Exception:
                     pass
     finally:
-        _COMPILE_ONLY = False
+        _compiling.only = False
 
 
 def _grid_rows(kernel: str, M: int, N: int, block_n: int) -> tuple:

@@ -584,6 +584,39 @@ def test_picks_persist_between_processes(monkeypatch, tmp_path):
     assert gemv.stored_pick(key, "gpu A", configs) == configs[2]
 
 
+def test_compile_candidates_compiles_without_running(monkeypatch):
+    """compile_candidates launches every config as Triton's warmup (compile, no run) and skips configs that
+    fail; launches after it, and FLINT_GEMV_PARALLEL_COMPILE=0, run kernels as usual."""
+    pytest.importorskip("triton.runtime._async_compile")
+    calls = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("compile", self.name, grid))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("run", self.name, grid))
+
+    monkeypatch.setattr(gemv, "_kernels", lambda: {name: Kernel(name) for name in ("a", "b")})
+    monkeypatch.setattr(gemv.os, "cpu_count", lambda: 4)
+
+    def launch(cfg, w):
+        if cfg == "bad":
+            raise RuntimeError("does not fit")
+        gemv._launch(cfg, (w,), w)
+
+    gemv.compile_candidates(["a", "bad", "b"], launch, (7,))
+    assert calls == [("compile", "a", (7,)), ("compile", "b", (7,))]
+    calls.clear()
+    launch("a", 3)
+    monkeypatch.setenv("FLINT_GEMV_PARALLEL_COMPILE", "0")
+    gemv.compile_candidates(["a", "b"], launch, (5,))
+    assert calls == [("run", "a", (3,))]
+
+
 def test_no_tuning_takes_the_default_and_keeps_nothing(monkeypatch):
     monkeypatch.delenv("FLINT_GEMV_PICKS", raising=False)
     monkeypatch.setattr(gemv, "_best", {})
