@@ -403,6 +403,10 @@ class PagedKVCache:
         self.meta = None
         # Compiled FlexAttention is the fused kernel; uncompiled it is a slow reference that
         # materialises every score. Decode inside a compiled block inlines it either way.
+        # Inductor's CPU kernel (torch 2.13, on an AVX2 machine) gets head_dim 16 with 8-token KV blocks
+        # wrong (errors of order 1; other sizes agree with the reference to 1e-6): such toy shapes take
+        # the reference.
+        compile = compile and (device.type == "cuda" or args.head_dim >= 32 or block_size >= 16)
         self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
         # Decode: CPU wants the blocks before the last one as "full" (no mask_mod there); the GPU's flex
         # decoding kernel splits the work over the whole pool's length when any full block exists

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 from kv import BlockAllocator, NoFreeBlocks, PagedKVCache
 from model import ModelArgs
@@ -13,10 +14,12 @@ from scheduler import Engine
 ARGS = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
 
 
+@pytest.mark.parametrize("page", [8, 16])  # on CPU head_dim 16: 8 runs the unfused reference, 16 the compiled kernel
 @torch.inference_mode()
-def test_paged_prefill_chunks_and_decode_equal_contiguous_sdpa(tiny_model):
+def test_paged_prefill_chunks_and_decode_equal_contiguous_sdpa(tiny_model, page):
     model = tiny_model(ARGS)
-    cache = PagedKVCache(ARGS, num_blocks=40, block_size=8, max_batch=4, max_tokens_per_step=96, q_block=16)
+    cache = PagedKVCache(ARGS, num_blocks=40, block_size=page, max_batch=4, max_tokens_per_step=96, q_block=16)
+    assert (cache.flex_prefill is flex_attention) == (page == 8 and cache.device.type == "cpu")
     torch.manual_seed(1)
     seqs = [torch.randint(0, ARGS.vocab_size, (n,)).tolist() for n in (37, 21, 50)]
     # the plain path: each sequence alone, causal SDPA over all its tokens, no cache
@@ -27,7 +30,7 @@ def test_paged_prefill_chunks_and_decode_equal_contiguous_sdpa(tiny_model):
     rng.shuffle(order)
     tables = [[], [], []]
     for t, s in zip(tables, seqs):
-        for _ in range(-(-len(s) // 8)):
+        for _ in range(-(-len(s) // page)):
             t.append(order.pop())
     done = [0, 0, 0]
 
