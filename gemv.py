@@ -1632,6 +1632,11 @@ def pick_name(key: tuple) -> str:
     return f"{op} M{M} N{N} K{K}" + (f" G{group_size}" if group_size else "")
 
 
+def parse_config(name: str) -> tuple:
+    """A config as pick lists write it ("int4_h2/64/8/2/1") -> ("int4_h2", 64, 8, 2, 1)."""
+    return tuple(int(p) if p.isdigit() else p for p in name.split("/"))
+
+
 @functools.cache
 def _pinned_picks(text: str) -> dict[str, tuple]:
     """FLINT_GEMV_PICKS: a JSON object (or a file holding one) of picks as `bench.py decode --json` prints
@@ -1646,7 +1651,7 @@ def _pinned_picks(text: str) -> dict[str, tuple]:
 
     try:
         picks = json.loads(text)
-        return {name: tuple(int(p) if p.isdigit() else p for p in cfg.split("/")) for name, cfg in picks.items()}
+        return {name: parse_config(cfg) for name, cfg in picks.items()}
     except (ValueError, AttributeError) as e:
         raise ValueError(f"FLINT_GEMV_PICKS: expected a JSON object (or a file holding one) of "
                          f"\"op M.. N.. K..\": \"kernel/n/n/n/n\" entries ({e})") from None
@@ -1697,7 +1702,7 @@ def stored_pick(key: tuple, context: str, configs: list[tuple]) -> Optional[tupl
     name = _read_picks(path).get(context, {}).get(pick_name(key))
     if not isinstance(name, str):
         return None
-    cfg = tuple(int(p) if p.isdigit() else p for p in name.split("/"))
+    cfg = parse_config(name)
     return cfg if cfg in configs else None
 
 
@@ -1801,7 +1806,7 @@ def _pick(key: tuple, configs: list[tuple], launch, device: torch.device, weight
                       f"(run the op once before capturing)")
         tune = False
     if tune:
-        context = f"{_tuning_context(device.index if device.index is not None else torch.cuda.current_device())} | {mode}"
+        context = f"{_tuning_context(key[-1])} | {mode}"  # key ends with the device index
         stored = stored_pick(key, context, configs)
         if stored is not None:  # timed by an earlier process on this GPU with these kernels
             _best[key] = stored
