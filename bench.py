@@ -4,6 +4,7 @@ peak) and beside the reference implementation (Hugging Face transformers) run on
     python bench.py decode --preset llama-3-8b --device cuda            # random weights, real shapes
     python bench.py decode --device cpu --json                          # the embedded SmolLM2 (real weights)
     python bench.py decode --model path/or/repo --batch-size 8
+    python bench.py decode --preset llama-3-8b --batch-size 8 --profile 15  # where a decode step's time goes
     python bench.py throughput --preset llama-3-8b                      # continuous batching vs generate_batch
     python bench.py serve --preset llama-3-8b --rates 4,16,48           # Poisson arrivals: TTFT/TBT, goodput
     python bench.py prefix --preset llama-3-8b                          # TTFT with and without prefix caching
@@ -174,11 +175,52 @@ def bench_decode(opts) -> dict:
         row["gemv_picks"] = {gemv.pick_name(key): "/".join(map(str, cfg))  # FLINT_GEMV_PICKS takes these back
                              for key, (cfg, _) in sorted(gemv.tuning_log().items(), key=str)
                              if key[1] == gemv.row_bucket(opts.batch_size)}
+    if opts.profile:
+        row["profile"] = profile_decode(engine, prompts, opts.new_tokens, opts.profile, device)
     if not opts.no_ref and not opts.quant:  # transformers gets the float weights only
         ref = reference_decode(engine.model, prompt.to(device), opts.new_tokens, static_cache=device.type == "cuda")
         row.update(ref)
         row["speedup_vs_ref"] = row["tok_per_s"] / ref["ref_tok_per_s"]
     return row
+
+
+def profile_decode(engine, prompts, new_tokens: int, top: int, device) -> list[dict]:
+    """Where a decode step's time goes: torch.profiler over a generation of new_tokens and over one of a single
+    token, each kernel's (GPU) or op's (CPU) self time per decode step from their difference (so the prefill
+    and the first call's work cancel out), the `top` largest with calls per step and their share of the step.
+    Kernels inside replayed CUDA graphs are counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+
+    def run(n):
+        with profile(activities=activities) as prof:
+            engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
+            sync(device)
+        totals = {}
+        for e in prof.key_averages():
+            us = (getattr(e, "self_device_time_total", 0) if device.type == "cuda" else e.self_cpu_time_total)
+            if us > 0:
+                t, c = totals.get(e.key, (0.0, 0))
+                totals[e.key] = (t + us, c + e.count)
+        return totals, engine.metrics
+
+    one, _ = run(1)
+    full, m = run(new_tokens)
+    steps = max(m.decode_steps - 1, 1)  # decode steps in the long run that the one-token run does not take
+    step_us = m.decode_s / max(m.decode_steps, 1) * 1e6
+    rows = []
+    for name, (us, count) in full.items():
+        us0, count0 = one.get(name, (0.0, 0))
+        per_step = (us - us0) / steps
+        if per_step > 0:
+            rows.append({"kernel": name[:120], "us_per_step": per_step, "calls_per_step": (count - count0) / steps,
+                         "share_of_step": per_step / step_us})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    busy = sum(r["us_per_step"] for r in rows)
+    return [{"kernel": "(step, wall)", "us_per_step": step_us, "calls_per_step": 1.0, "share_of_step": 1.0},
+            {"kernel": "(all kernels)", "us_per_step": busy, "calls_per_step": sum(r["calls_per_step"] for r in rows),
+             "share_of_step": busy / step_us}] + rows[:top]
 
 
 def bench_prefill(opts) -> list[dict]:
@@ -715,10 +757,18 @@ def format_gemv(rows) -> str:
 
 def print_row(row, as_json):
     if as_json:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        def rounded(v):
+            return round(v, 4) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) else \
+                {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+        print(json.dumps(rounded(row)), flush=True)
         return
     width = max(len(k) for k in row)
     for k, v in row.items():
+        if k == "profile":
+            print("profile (per decode step):")
+            for r in v:
+                print(f"  {r['us_per_step']:10.1f} us  {r['share_of_step']:6.1%}  {r['calls_per_step']:7.1f} calls  {r['kernel']}")
+            continue
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     print(flush=True)
 
@@ -753,6 +803,8 @@ def main(argv=None):
     d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
     d.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None, help="weight-only quantization")
     d.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128), help="int4 group size")
+    d.add_argument("--profile", type=at_least(1), default=0, metavar="TOP",
+                   help="also profile decode (torch.profiler) and report the TOP kernels' time per step")
     d.add_argument("--json", action="store_true")
     q = sub.add_parser("quality", help="perplexity of the embedded SmolLM2: fp32, bf16, int8, int4 RTN/GPTQ/AWQ")
     q.add_argument("--device", default="auto")

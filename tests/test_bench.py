@@ -41,3 +41,15 @@ def test_bad_counts_are_usage_errors(capsys, argv, message):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_decode_profile_reports_kernels_per_step(capsys):
+    # --profile: the ops' (CPU) or kernels' (GPU) time per decode step, the step's wall time and the sum first
+    code = bench.main(["decode", "--preset", "smollm2-135m", "--device", "cpu", "--prompt-len", "8",
+                       "--new-tokens", "4", "--repeats", "1", "--no-ref", "--profile", "3", "--json"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = row["profile"]
+    assert [r["kernel"] for r in rows[:2]] == ["(step, wall)", "(all kernels)"] and 1 <= len(rows) - 2 <= 3
+    assert all(set(r) == {"kernel", "us_per_step", "calls_per_step", "share_of_step"} for r in rows)
+    assert all(r["us_per_step"] > 0 for r in rows) and any("mm" in r["kernel"] for r in rows[2:])
