@@ -76,37 +76,68 @@ def problem(M, N, K, seed=0):
     return x, w
 
 
+def code_path(cfg) -> tuple:
+    """What a config changes in a kernel's code rather than its sizes: the kernel (with "+silu"), cp.async stages,
+    a K split, tiles or groups loaded ahead."""
+    kernel = cfg[0]
+    base = kernel.removesuffix("+silu")
+    if base in ("int4_fma", "int4_h2", "int4_h2p", "int4_mma"):  # (kernel, BLOCK_N, split, warps, ahead)
+        return kernel, cfg[2] > 1, cfg[4]
+    if base in ("int4_dot", "dequant"):
+        return (kernel,)
+    split, ahead = (cfg[5], cfg[6]) if len(cfg) > 5 else (1, 0)
+    return kernel, cfg[4] > 1, split > 1, ahead
+
+
+def under_test(configs, every: bool, path=code_path) -> list:
+    """every: all the configs (the slow run, -m slow); else the first of each code path (path), which runs
+    every kernel, epilogue, split and prefetch variant in the default run at a third of the interpreter's time."""
+    if every:
+        return list(configs)
+    first = {}
+    for cfg in configs:
+        first.setdefault(path(cfg), cfg)
+    return list(first.values())
+
+
+# the every-config tests run twice: a config per code path by default, all of them marked slow
+EVERY = pytest.mark.parametrize("every", [False, pytest.param(True, marks=pytest.mark.slow)])
+
+
 # M in {1, 3, 8, 20} (fma, fma and dot, dot, dot with 32 rows or dequantize); N odd or not a multiple of any
 # BLOCK_N; K not a multiple of BLOCK_K (int8/bf16: 320; int4 with G=64: 5 groups, not a multiple of the
 # groups per step)
 SHAPES = [(1, 97, 320), (3, 160, 256), (8, 131, 320), (20, 48, 320)]
 
 
+@EVERY
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_bf16_every_config(M, N, K):
+def test_bf16_every_config(M, N, K, every):
     x, w = problem(M, N, K)
     wb = w.to(torch.bfloat16)
     ref = x.float() @ wb.float().t()
     x, wb = x.to(DEVICE), wb.to(DEVICE)
-    for cfg in gemv.candidates("bf16", M, K):
+    for cfg in under_test(gemv.candidates("bf16", M, K), every):
         close(gemv._run_dense(x, wb, None, cfg), ref)
     close(gemv.bf16_linear(x, wb), ref)
 
 
+@EVERY
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_int8_every_config(M, N, K):
+def test_int8_every_config(M, N, K, every):
     x, w = problem(M, N, K)
     q, scales = Q.int8_quantize(w)
     ref = x.float() @ (q.float() * scales.float()[:, None]).t()
     x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
-    for cfg in gemv.candidates("int8", M, K):
+    for cfg in under_test(gemv.candidates("int8", M, K), every):
         close(gemv._run_dense(x, q, scales, cfg), ref)
     close(gemv.int8_linear(x, q, scales), ref)
 
 
+@EVERY
 @pytest.mark.parametrize("op", ["bf16", "int8"])
 @pytest.mark.parametrize("M,N,K", [(1, 97, 320), (1, 64, 512), (8, 131, 320)])
-def test_peeled_first_step_every_config(monkeypatch, op, M, N, K):
+def test_peeled_first_step_every_config(monkeypatch, op, M, N, K, every):
     # on Hopper (PDL) the dense kernels read W's first tile before waiting for the previous kernel, and
     # run the loop from the second tile: the same sums (K = 320: a partial first tile; 512: whole tiles)
     monkeypatch.setattr(gemv, "_PEEL_WITHOUT_PDL", True)
@@ -119,7 +150,7 @@ def test_peeled_first_step_every_config(monkeypatch, op, M, N, K):
         ref = x.float() @ (w.float() * scales.float()[:, None]).t()
         scales = scales.to(DEVICE)
     x, w = x.to(DEVICE), w.to(DEVICE)
-    for cfg in gemv.candidates(op, M, K):
+    for cfg in under_test(gemv.candidates(op, M, K), every):
         if cfg != gemv.DEQUANT:
             close(gemv._run_dense(x, w, scales, cfg), ref)
 
@@ -133,12 +164,13 @@ def int4_problem(M, N, K, group_size):
     return x.to(DEVICE), Q.pack_nibbles(q).to(DEVICE), sz.to(DEVICE), ref
 
 
+@EVERY
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 3, 8, 20])
-def test_int4_every_config(M, group_size):
+def test_int4_every_config(M, group_size, every):
     N, K = (97, 320) if group_size != 128 else (131, 384)  # 10 / 5 / 3 groups per row
     x, packed, sz, ref = int4_problem(M, N, K, group_size)
-    for cfg in gemv.candidates("int4", M, K, group_size):
+    for cfg in under_test(gemv.candidates("int4", M, K, group_size), every):
         close(gemv._run_int4(x, packed, sz, group_size, cfg), ref)
     close(gemv.int4_linear(x, packed, sz, group_size), ref)
 
@@ -156,18 +188,19 @@ def test_int4_k_split_leaves_its_counters_at_zero(kernel):
     assert all(int(count.abs().sum()) == 0 for _, count in gemv._split_buffers.values())
 
 
+@EVERY
 @pytest.mark.parametrize("M", [1, 3])
-def test_h2_kernels_every_config_every_row(M):
+def test_h2_kernels_every_config_every_row(M, every):
     # int8_h2 / int4_h2 (fp16x2 products) run one program per row of x like the fma kernels; the tuner offers
     # them at one row today, any row count must still be right
     x, w = problem(M, 97, 320)
     q, scales = Q.int8_quantize(w)
     ref = x.float() @ (q.float() * scales.float()[:, None]).t()
     x, q, scales = x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE)
-    for cfg in [c for c in gemv._FMA_INT8 if c[0] == "int8_h2"]:
+    for cfg in under_test([c for c in gemv._FMA_INT8 if c[0] == "int8_h2"], every):
         close(gemv._run_dense(x, q, scales, cfg), ref)
     x4, packed, sz, ref4 = int4_problem(M, 131, 384, 128)
-    for cfg in gemv._H2_INT4:
+    for cfg in under_test(gemv._H2_INT4, every):
         close(gemv._run_int4(x4, packed, sz, 128, cfg), ref4)
 
 
@@ -214,9 +247,10 @@ def glu_ref(y):
     return torch.nn.functional.silu(gate) * up
 
 
+@EVERY
 @pytest.mark.parametrize("op", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("M", [1, 3])  # 3 rows: fma, mma and dot kernels (mma's second row of a lane too)
-def test_glu_epilogue_every_config(op, M):
+def test_glu_epilogue_every_config(op, M, every):
     # glu=True (W = [gate; up]): the fma, h2 and mma kernels pair each gate row with its up row in a program
     # and store SiLU(gate) * up; dot and dequantize run silu_mul after. Either way the sums are the plain
     # call's, so the result is silu_mul of the plain output (one bf16 rounding of an fp32 product) to within
@@ -242,7 +276,7 @@ def test_glu_epilogue_every_config(op, M):
                    else (lambda: gemv.int8_linear(x, wq, scales, True)))
     want = glu_ref(ref)
     bound = 2 ** -6 * want.abs() + 2 ** -8 * want.abs().max()
-    configs = gemv.candidates(op, M, K, G if op == "int4" else 0, glu=True)
+    configs = under_test(gemv.candidates(op, M, K, G if op == "int4" else 0, glu=True), every)
     assert any(c[0].endswith("+silu") for c in configs)
     fused_kinds = [c for c in configs if not c[0].endswith("+silu")]
     for cfg in fused_kinds + [c for c in configs if c not in fused_kinds][:2]:  # "+silu": plain, then silu_mul
@@ -325,9 +359,10 @@ def test_feed_forward_uses_the_glu_epilogue(gemv_layout):
         torch.testing.assert_close(q(x, glu=True).float(), glu_ref(q(x)).to(DEVICE), atol=2e-2, rtol=2e-2)
 
 
+@EVERY
 @pytest.mark.parametrize("op", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("peel", [False, True])
-def test_norm_prologue_and_residual_epilogue_every_config(monkeypatch, op, peel):
+def test_norm_prologue_and_residual_epilogue_every_config(monkeypatch, op, peel, every):
     # norm_weight: the op multiplies RMSNorm(x) (model.RMSNorm's arithmetic), the fma and h2 kernels normalizing
     # x as they read it (each program reads its row whole for the rms); residual: added as the kernels store.
     # Every one-row candidate (those without them: the norm and the add as plain ops) against
@@ -355,7 +390,7 @@ def test_norm_prologue_and_residual_epilogue_every_config(monkeypatch, op, peel)
     xn = gemv.rms_norm(x, g, 1e-5)
     for glu in (False, True):
         r = res_glu if glu else res
-        configs = gemv.candidates(op, 1, K, G if op == "int4" else 0, glu=glu)
+        configs = under_test(gemv.candidates(op, 1, K, G if op == "int4" else 0, glu=glu), every)
         configs += [("fma", 8, 128, 4, 1, 2, 1)] if op != "int4" else [("int4_h2", 32, 3, 1, 1)]  # K splits
         for cfg in configs:
             want = (run(cfg, xn, glu, None, None).float() + r.float()).cpu()
@@ -377,8 +412,9 @@ def test_norm_prologue_and_residual_epilogue_every_config(monkeypatch, op, peel)
         run(gemv.candidates(op, 1, K, G)[0], x, False, None, res[:, :5].contiguous())
 
 
+@EVERY
 @pytest.mark.parametrize("op", ["bf16", "int8", "int4"])
-def test_rope_epilogue_every_config(op):
+def test_rope_epilogue_every_config(op, every):
     # rope = (cos, sin [M, D], rows): the fma and h2 kernels whose BLOCK_N divides the head dim take rows i and
     # i + D/2 of a head into one program and rotate them as they store (the q and k heads: the first rows
     # outputs; v's rows stay); the others rotate after. Against rope_heads of the plain output (RoPE of the
@@ -400,7 +436,9 @@ def test_rope_epilogue_every_config(op):
         run = lambda cfg, xx, norm, rope: gemv._run_dense(xx, wq, scales, cfg, False, norm, None, rope)  # noqa: E731
     x = x.to(DEVICE)
     rope = (cos, sin, rot_heads * D)
-    configs = gemv.candidates(op, 1, K, G if op == "int4" else 0)
+    # a config's BLOCK_N decides whether RoPE goes into its epilogue: both kinds of each code path
+    configs = under_test(gemv.candidates(op, 1, K, G if op == "int4" else 0), every,
+                         path=lambda c: (code_path(c), gemv._rope_fits(c, rope, False, None)))
     configs += [("fma", 8, 128, 4, 1, 2, 1)] if op != "int4" else [("int4_h2", 16, 3, 1, 1)]  # K splits
     assert any(gemv._rope_fits(c, rope, False, None) for c in configs)
     for norm in (None, (g, 1e-5)):

@@ -240,7 +240,6 @@ def test_gguf_q8_0_requantized_per_row(smollm2_path):
     torch.testing.assert_close(m(x), bf16_matmul(x, m.dequantize()), atol=3e-2, rtol=2e-2)
 
 
-@pytest.mark.slow
 def test_quantized_from_gguf_matches_float_model(engine, smollm2_path):
     model, args, info = Q.quantized_from_gguf(smollm2_path)
     assert isinstance(model.layers[0].mlp.down_proj, Q.Int4Linear)

@@ -559,7 +559,6 @@ def test_read_gguf_agrees_with_gguf_reader(smollm2_path):
         assert ours.offset == t.data_offset and ours.n_bytes == t.n_bytes
 
 
-@pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_gguf_matches_transformers(smollm2_path):
     model, args, info = weights.load_model(progress=False)
