@@ -197,13 +197,10 @@ def profile_decode(engine, prompts, new_tokens: int, top: int, device) -> list[d
         with profile(activities=activities) as prof:
             engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
             sync(device)
-        totals = {}
-        for e in prof.key_averages():
-            us = (getattr(e, "self_device_time_total", 0) if device.type == "cuda" else e.self_cpu_time_total)
-            if us > 0:
-                t, c = totals.get(e.key, (0.0, 0))
-                totals[e.key] = (t + us, c + e.count)
-        return totals, engine.metrics
+        # key_averages: one entry per kernel or op name -> (self time in us, calls)
+        totals = {e.key: (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total, e.count)
+                  for e in prof.key_averages()}
+        return {k: v for k, v in totals.items() if v[0] > 0}, engine.metrics
 
     one, _ = run(1)
     full, m = run(new_tokens)

