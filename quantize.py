@@ -9,18 +9,24 @@
 
 Layouts and kernels:
   Int8Linear  weight int8 [N, K], scales [N]: w = q * scale (symmetric, per output channel).
-              CPU: aten._weight_int8pack_mm. CUDA: gemv.int8_linear (Triton kernels reading the int8 weight
+              CPU: cpu_kernels.q8_linear (AVX2, activations rounded to int8 per block of 32; K % 32 == 0), else
+              aten._weight_int8pack_mm. CUDA: gemv.int8_linear (Triton kernels reading the int8 weight
               once for up to 64 rows, F.linear on a bf16 copy for more), or without Triton
               F.linear(x, w.to(x.dtype)) * scale.
   Int4Linear  codes q in 0..15, per group of G input columns a scale and a zero: w = (q - 8) * scale + zero
-              (asymmetric; zero = min + 8 * scale). Three layouts (self.layout), chosen by device:
+              (asymmetric; zero = min + 8 * scale). Four layouts (self.layout), chosen by device:
               "gemv" (CUDA with Triton): weight = pack_nibbles(q) [N, K/2], scales_and_zeros [N, K/G, 2],
                 read by gemv.int4_linear;
-              "tinygemm" (CUDA without Triton, or FLINT_GEMV_INT4=0) and "cpu": weight packed by aten._convert_weight_to_int4pack
-                (_for_cpu) for aten._weight_int4pack_mm(_for_cpu), scales_and_zeros [K/G, N, 2].
+              "cpu_q4" (CPU with AVX2, see cpu_kernels.py; N % 8 == 0): weight = cpu_kernels.pack_q4(q)
+                [N/8, K/32, 128], scales_and_zeros [N/8, K/G, 2, 8], read by cpu_kernels.q4_linear (~4x ATen's
+                kernel at one row on a 2-core AVX2 machine);
+              "tinygemm" (CUDA without Triton, or FLINT_GEMV_INT4=0) and "cpu" (other CPUs, FLINT_CPU_KERNELS=0):
+                weight packed by aten._convert_weight_to_int4pack(_for_cpu) for aten._weight_int4pack_mm(_for_cpu),
+                scales_and_zeros [K/G, N, 2].
 FLINT_GEMV=0 in the environment turns gemv off (the layouts and kernels used before it).
-All kernels run with bf16 activations (and bf16 scales): on CPU the fp32 paths are 4-10x slower, on CUDA
-tinygemm only takes bf16. The output is cast back to the input's dtype, so an fp32 model stays fp32 elsewhere.
+ATen's and gemv's kernels run with bf16 activations (and bf16 scales): on CPU ATen's fp32 paths are 4-10x
+slower, on CUDA tinygemm only takes bf16; cpu_kernels's round fp32 activations to int8 per block of 32 (as
+llama.cpp does). The output is cast back to the input's dtype, so an fp32 model stays fp32 elsewhere.
 The int4 packing is device-specific, so checkpoints store a portable layout (codes two per byte, low nibble
 first; scales_and_zeros [K/G, N, 2]) and the loader packs for its device. lm_head (tied or not) is int8 in
 every mode unless head= says otherwise: it is the biggest matrix of a small model and the one most sensitive
@@ -39,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_kernels
 import gemv
 from model import ModelArgs, Transformer, rope_cos_sin, rope_inv_freq
 
@@ -136,6 +143,12 @@ def use_gemv(device) -> bool:
     return device.type == "cuda" and gemv.enabled() and gemv.available(device)
 
 
+def use_cpu_kernels(device) -> bool:
+    """Whether quantized linears on device run cpu_kernels.py's AVX2 kernels (a CPU that has them, a C compiler,
+    FLINT_CPU_KERNELS != 0)."""
+    return (torch.device(device).type if device is not None else "cpu") == "cpu" and cpu_kernels.available()
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b, with q int8 [N, K] and one scale per output channel."""
 
@@ -146,6 +159,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.gemv = use_gemv(device)
+        self.cpu_q8 = not self.gemv and use_cpu_kernels(device) and in_features % 32 == 0
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -175,6 +189,9 @@ class Int8Linear(nn.Module):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
         (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
         output's first heads (in gemv's kernel where it can)."""
+        if self.cpu_q8:
+            return cpu_kernels.fused_linear(torch.ops.flint.cpu_q8_linear, (self.weight, self.scales), x, self.bias,
+                                            glu, norm, residual, rope)
         out = gemv.ops_outside_kernel(self, x, glu, norm, residual, rope, self.gemv)
         if out is not None:
             return out
@@ -226,12 +243,14 @@ class Int4Linear(nn.Module):
         # gemv.py's int4 kernels on CUDA (FLINT_GEMV_INT4=0: tinygemm): on the H200, llama-3-8b at batch 1,
         # 404 against tinygemm's 353 tok/s in one machine session (see BENCHMARKS.md)
         int4_gemv = use_gemv(dev) and os.environ.get("FLINT_GEMV_INT4", "1") != "0"
-        self.layout = "gemv" if int4_gemv else "tinygemm" if dev.type == "cuda" else "cpu"
+        q4 = (use_cpu_kernels(dev) and self.k_padded == in_features  # (its norm, if fused, spans in_features)
+              and cpu_kernels.supports_q4(out_features, in_features, group_size))
+        self.layout = "gemv" if int4_gemv else "tinygemm" if dev.type == "cuda" else "cpu_q4" if q4 else "cpu"
         n_groups = self.k_padded // group_size
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))  # set by set_codes
+        sz_shape = {"gemv": (out_features, n_groups, 2), "cpu_q4": (out_features // 8, n_groups, 2, 8)}
         self.register_buffer("scales_and_zeros", torch.empty(
-            (out_features, n_groups, 2) if self.layout == "gemv" else (n_groups, out_features, 2),
-            dtype=SCALE_DTYPE, device=device))
+            sz_shape.get(self.layout, (n_groups, out_features, 2)), dtype=SCALE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -253,6 +272,10 @@ class Int4Linear(nn.Module):
 
     def set_codes(self, q, scales, zeros):
         dev = self.scales_and_zeros.device
+        if self.layout == "cpu_q4":
+            self.weight = cpu_kernels.pack_q4(q.to(dev))
+            self.scales_and_zeros = cpu_kernels.pack_scales(scales.to(dev), zeros.to(dev))
+            return
         sz = torch.stack([scales.float(), zeros.float()], dim=-1)  # [N, K/G, 2]
         if self.layout == "gemv":
             self.weight = pack_nibbles(q.to(dev)).contiguous()
@@ -279,6 +302,8 @@ class Int4Linear(nn.Module):
         itself: with scale 1 and zero 8 it computes x @ q^T, so x = identity rows give q exactly."""
         if self.layout == "gemv":
             return unpack_nibbles(self.weight)
+        if self.layout == "cpu_q4":
+            return cpu_kernels.unpack_q4(self.weight)
         ones = torch.empty_like(self.scales_and_zeros)
         ones[..., 0], ones[..., 1] = 1, 8
         eye = torch.eye(self.k_padded, dtype=SCALE_DTYPE, device=self.weight.device)
@@ -287,6 +312,8 @@ class Int4Linear(nn.Module):
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (scales, zeros), each [N, K_padded // G]."""
+        if self.layout == "cpu_q4":
+            return cpu_kernels.unpack_scales(self.scales_and_zeros)
         sz = self.scales_and_zeros.float()
         sz = sz if self.layout == "gemv" else sz.transpose(0, 1)
         return sz[..., 0], sz[..., 1]
@@ -301,6 +328,10 @@ class Int4Linear(nn.Module):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
         (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
         output's first heads (in gemv's kernel where it can)."""
+        if self.layout == "cpu_q4":
+            return cpu_kernels.fused_linear(torch.ops.flint.cpu_q4_linear,
+                                            (self.weight, self.scales_and_zeros, self.group_size), x, self.bias, glu,
+                                            norm, residual, rope)
         out = gemv.ops_outside_kernel(self, x, glu, norm, residual, rope,
                                       self.layout == "gemv" and self.k_padded == self.in_features)
         if out is not None:

@@ -5,13 +5,31 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cpu_kernels
 import quantize as Q
 from model import ModelArgs, Transformer
 
 
 def bf16_matmul(x, w):
-    """What the kernels compute: bf16 activations, fp32 accumulation."""
+    """What ATen's and gemv's kernels compute: bf16 activations, fp32 accumulation."""
     return x.to(torch.bfloat16).float() @ w.t()
+
+
+def kernel_matmul(m, x, w):
+    """What m's kernel computes with x: cpu_kernels' ops round x to int8 per block of 32, the others to bf16."""
+    if getattr(m, "layout", None) == "cpu_q4" or getattr(m, "cpu_q8", False):
+        return cpu_kernels.round_activations(x) @ w.t()
+    return bf16_matmul(x, w)
+
+
+@pytest.fixture(params=["cpu_kernels", "aten"])
+def cpu_path(request, monkeypatch):
+    """Modules built under it take cpu_kernels.py's ops (where the machine has them) or ATen's kernels."""
+    if request.param == "aten":
+        monkeypatch.setenv("FLINT_CPU_KERNELS", "0")
+    elif not cpu_kernels.available():
+        pytest.skip(f"cpu_kernels unavailable here: {cpu_kernels.build_error()}")
+    return request.param
 
 
 def tiny_model(tie=True, seed=0) -> Transformer:
@@ -65,14 +83,14 @@ def test_nibble_packing_round_trip():
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_linear_matches_dequantized_matmul(group_size):
+def test_int4_linear_matches_dequantized_matmul(group_size, cpu_path):
     torch.manual_seed(0)
     lin = nn.Linear(192, 96, bias=True)  # 192 is not a multiple of 128: that case is zero-padded
     m = Q.Int4Linear.from_float(lin, group_size)
     x = torch.randn(3, 5, 192)
     w = m.dequantize()
     assert w.shape == (96, 192)
-    ref = bf16_matmul(x, w) + lin.bias
+    ref = kernel_matmul(m, x, w) + lin.bias
     y = m(x)
     assert y.shape == (3, 5, 96) and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=1e-2)  # the kernel rounds its output to bf16
@@ -82,12 +100,12 @@ def test_int4_linear_matches_dequantized_matmul(group_size):
     assert torch.equal(m.codes(), Q.int4_codes(wp, scales, zeros))
 
 
-def test_int8_linear_matches_dequantized_matmul():
+def test_int8_linear_matches_dequantized_matmul(cpu_path):
     torch.manual_seed(0)
     lin = nn.Linear(128, 80, bias=False)
     m = Q.Int8Linear.from_float(lin)
     x = torch.randn(7, 128)
-    torch.testing.assert_close(m(x), bf16_matmul(x, m.dequantize()), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(m(x), kernel_matmul(m, x, m.dequantize()), atol=2e-2, rtol=1e-2)
     assert (m.dequantize() - lin.weight).abs().max() <= m.scales.float().max() * 0.51
 
 
@@ -95,7 +113,7 @@ def test_int8_linear_matches_dequantized_matmul():
 
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32), ("int4-gptq", 64), ("int4-awq", 32)])
-def test_checkpoint_round_trip_identical_logits(tmp_path, mode, group_size):
+def test_checkpoint_round_trip_identical_logits(tmp_path, mode, group_size, cpu_path):
     model = tiny_model()
     tokens = torch.randint(0, 256, (1, 12))
     ref = model(tokens)
@@ -201,7 +219,7 @@ def test_gguf_q4_1_blocks_load_directly(smollm2_path):
     assert err <= 2 ** -7 * ref_w.abs().max()
     x = torch.randn(4, 1536)
     y = m(x)
-    torch.testing.assert_close(y, bf16_matmul(x, m.dequantize()), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y, kernel_matmul(m, x, m.dequantize()), atol=3e-2, rtol=2e-2)
     ref = x @ ref_w.t()
     assert (y - ref).norm() < 0.01 * ref.norm()
 
@@ -218,7 +236,7 @@ def test_gguf_q4_0_blocks_load_directly():
     m = Q.gguf_linear(blocks, "Q4_0")
     assert (m.dequantize() - ref_w).abs().max() <= 2 ** -7 * ref_w.abs().max()
     x = torch.randn(3, nb * 32)
-    torch.testing.assert_close(m(x), bf16_matmul(x, ref_w), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(m(x), kernel_matmul(m, x, ref_w), atol=2e-2, rtol=2e-2)
 
 
 def test_gguf_q8_0_requantized_per_row(smollm2_path):
@@ -237,7 +255,7 @@ def test_gguf_q8_0_requantized_per_row(smollm2_path):
     rel = (err.pow(2).mean() / ref_w.pow(2).mean()).sqrt()
     assert rel < 0.02, rel
     x = torch.randn(3, 576)
-    torch.testing.assert_close(m(x), bf16_matmul(x, m.dequantize()), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(m(x), kernel_matmul(m, x, m.dequantize()), atol=3e-2, rtol=2e-2)
 
 
 def test_quantized_from_gguf_matches_float_model(engine, smollm2_path):
