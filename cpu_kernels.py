@@ -138,6 +138,8 @@ static inline __attribute__((always_inline)) void q4_tile(
         __m256 low = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, zero);  /* w = s * q + low */
         for (int c = 0; c < MR; c++) acc[c] = _mm256_fmadd_ps(low, _mm256_set1_ps(xs[(m + c) * ng + g]), acc[c]);
         for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
+            _mm_prefetch((const char *)(wt + 128 * b + 1024), _MM_HINT_T0);  /* 8 blocks ahead */
+            _mm_prefetch((const char *)(wt + 128 * b + 1024 + 64), _MM_HINT_T0);
             __m256i sum16[4];
             for (int c = 0; c < MR; c++) sum16[c] = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {
