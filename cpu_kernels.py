@@ -1,17 +1,20 @@
 """C++ kernels for CPU decode on x86 with AVX2: int4 and int8 weight-only matmuls, and one decode step's attention
 over a static cache. Registered as torch ops (torch.ops.flint.cpu_*), so compiled graphs call them directly.
 
-    torch.ops.flint.cpu_q4_linear(x, packed, scales_zeros, group_size)   x fp32 [M, K] -> fp32 [M, N]
-    torch.ops.flint.cpu_q8_linear(x, weight, scales)                     x fp32 [M, K] -> fp32 [M, N]
+    torch.ops.flint.cpu_q4_linear(x, packed, scales_zeros, group_size, norm_weight, eps, residual, glu)
+    torch.ops.flint.cpu_q8_linear(x, weight, scales, norm_weight, eps, residual, glu)
+        x fp32 [M, K] -> fp32 [M, N]: residual + SwiGLU(RMSNorm(x) @ W^T) (the last four optional: model.linear's
+        ops, fused_linear() passes them)
     torch.ops.flint.cpu_decode_attention(q, k, v, k_cache, v_cache, pos, window)   (kv.decode_attention's contract)
-    pack_q4(q), pack_scales(scales, zeros)                               quantize.py's codes -> the int4 layout
+    pack_q4(q), pack_scales(scales, zeros)      quantize.py's codes -> the int4 layout; round_activations(x)
 
 Why: ATen's `_weight_int4pack_mm_for_cpu` dequantizes every weight to float and multiplies in fp32; on a 2-core
 AVX2 machine that is compute-bound (~5 GB/s over SmolLM2-135M's int4 layers). Here the activations are rounded to
 int8 per block of 32 (scale amax / 127, as llama.cpp does) and multiplied with the weight codes as 8-bit integers
 (vpmaddubsw: 32 multiply-adds an instruction instead of 8). The int4 layout puts 8 weight rows side by side, so
 one vpmaddubsw serves 8 output rows and the result comes out as one vector (no horizontal sums), and each thread
-reads one contiguous stream. SDPA over a static cache attends over every slot with a mask (~150 us a layer at
+reads one contiguous stream (prefetched ahead). They are C++ ops: a Python implementation cost ~20 us a call,
+and a decode step makes ~150 calls. SDPA over a static cache attends over every slot with a mask (~150 us a layer at
 385 slots); decode_attention reads slots up to each row's position only.
 
 Numerics: the matmuls compute exactly W @ x_rounded (x rounded to int8 per block of 32, fp32 accumulation): about

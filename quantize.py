@@ -189,7 +189,7 @@ class Int8Linear(nn.Module):
         """x [..., K] -> y [..., N], or with glu (a [gate; up] weight) SiLU(gate) * up [..., N / 2]; norm =
         (weight, eps): of RMSNorm(x); residual: added to the output; rope = (cos, sin, heads): RoPE on the
         output's first heads (in gemv's kernel where it can)."""
-        if self.cpu_q8:
+        if self.cpu_q8 and x.device.type == "cpu":  # (a module built on the CPU may have moved since)
             return cpu_kernels.fused_linear(torch.ops.flint.cpu_q8_linear, (self.weight, self.scales), x, self.bias,
                                             glu, norm, residual, rope)
         out = gemv.ops_outside_kernel(self, x, glu, norm, residual, rope, self.gemv)
