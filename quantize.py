@@ -9,7 +9,8 @@
 
 Layouts and kernels:
   Int8Linear  weight int8 [N, K], scales [N]: w = q * scale (symmetric, per output channel).
-              CPU: cpu_kernels.q8_linear (AVX2, activations rounded to int8 per block of 32; K % 32 == 0), else
+              CPU: torch.ops.flint.cpu_q8_linear (cpu_kernels.py: AVX2, activations rounded to int8 per block of
+              32; K % 32 == 0), else
               aten._weight_int8pack_mm. CUDA: gemv.int8_linear (Triton kernels reading the int8 weight
               once for up to 64 rows, F.linear on a bf16 copy for more), or without Triton
               F.linear(x, w.to(x.dtype)) * scale.
@@ -18,7 +19,7 @@ Layouts and kernels:
               "gemv" (CUDA with Triton): weight = pack_nibbles(q) [N, K/2], scales_and_zeros [N, K/G, 2],
                 read by gemv.int4_linear;
               "cpu_q4" (CPU with AVX2, see cpu_kernels.py; N % 8 == 0): weight = cpu_kernels.pack_q4(q)
-                [N/8, K/32, 128], scales_and_zeros [N/8, K/G, 2, 8], read by cpu_kernels.q4_linear (~4x ATen's
+                [N/8, K/32, 128], scales_and_zeros [N/8, K/G, 2, 8], read by torch.ops.flint.cpu_q4_linear (~4x ATen's
                 kernel at one row on a 2-core AVX2 machine);
               "tinygemm" (CUDA without Triton, or FLINT_GEMV_INT4=0) and "cpu" (other CPUs, FLINT_CPU_KERNELS=0):
                 weight packed by aten._convert_weight_to_int4pack(_for_cpu) for aten._weight_int4pack_mm(_for_cpu),
