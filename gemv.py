@@ -73,6 +73,12 @@ Kernels (a config names one; the first call for a shape times the candidates, se
          tl.dot: reads W once for any M; a sixth number splits K as in fma (N = 4096 in blocks of 64 rows
          is only 64 programs for 132 SMs). The int4 one takes a group per step, even and odd columns of x
          against the low and high nibbles (two dots, no interleave), bf16 128 + q as the weights.
+  int4_cu  not Triton: cuda_kernels.int4_gemv, a CUDA C++ kernel built with nvcc at first use (one row of x; a warp
+         streams whole rows of W, 512 contiguous bytes a row an instruction, x staged once a block in shared
+         memory; the norm, residual, GLU and RoPE fusions as the h2 kernels). Config (kernel, rows a warp,
+         column steps of 1024 a load, warps a block, 1). On the H200 it beats int4_h2 on every llama-3-8b int4
+         g128 shape (qkv 6.6 against 9.1 us, o_proj 4.3 / 6.7, gate_up 17.4 / 27.3, down 9.7 / 13.9): int4 decode
+         ~616-629 against ~483 tok/s. A candidate at one row where cuda_kernels.available() (nvcc found).
 Rows of W past N are clamped to N - 1 (loads stay in bounds, the store is masked), so N need not divide by
 BLOCK_N; K need not divide by BLOCK_K (masked tail; int4 needs K % G == 0, as Int4Linear pads).
 
@@ -110,7 +116,7 @@ kernel that only reads the same bytes) is 0.93/0.85/1.05/1.02 for the int8 bytes
 the int4 ones: int4 is bound by instructions and loads in flight, the small int8 shapes by a program's serial
 round trips to memory.
 
-Candidates: M = 1 the fma configs (and one dot), 2..4 rows both and the mma kernels (int8_mma, int4_mma,
+Candidates: M = 1 the fma configs (and one dot; int4: the int4_cu ones where they build), 2..4 rows both and the mma kernels (int8_mma, int4_mma,
 bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against
 "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64
 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
@@ -1539,6 +1545,13 @@ _H2_INT4 = [_cfg("int4_h2", 64, 8, 2, 1), _cfg("int4_h2", 64, 2, 1, 1), _cfg("in
 # int4_h2 with x loaded as two [W, 2] tiles in the words' layout (offline: 2 barriers a group instead of 7)
 # was tried and measured slower on the H200 (llama-3-8b int4 g128 decode 457 against 478 tok/s, the same picks
 # pinned: benchmarks/int4_x_pairs_ab.sh at 617153d); not kept
+# int4_cu: cuda_kernels.int4_gemv (CUDA C++, one row of x): (kernel, rows of W a warp, column steps of 1024 loaded
+# at once, warps a block, 1); candidates at one row where cuda_kernels.available() (a GPU and nvcc), K % 1024 == 0
+# (else the last one only: the one instance built for a ragged K). Kept: the configs within ~5% of the best on some
+# llama-3-8b int4 g128 shape on the H200 (benchmarks/int4_gemv_shapes.py); 2/2/8 is the untimed default.
+_CU_INT4 = [_cfg("int4_cu", 2, 2, 8, 1), _cfg("int4_cu", 2, 2, 16, 1), _cfg("int4_cu", 2, 4, 8, 1),
+            _cfg("int4_cu", 2, 4, 16, 1), _cfg("int4_cu", 4, 1, 8, 1), _cfg("int4_cu", 4, 1, 12, 1),
+            _cfg("int4_cu", 4, 1, 16, 1), _cfg("int4_cu", 2, 1, 8, 1)]
 _DOT_INT4 = [_cfg("int4_dot", 16, 0, 1, 4), _cfg("int4_dot", 32, 0, 2, 4), _cfg("int4_dot", 64, 0, 4, 4),
              _cfg("int4_dot", 32, 0, 1, 3)]
 # int8_mma / int4_mma (tensor cores, 1..8 rows of x read W once): (kernel, BLOCK_N, columns a step (int8) or
@@ -1591,6 +1604,8 @@ def _candidates(op: str, M: int, K: int, group_size: int) -> list[tuple]:
         mma = []
     if M == 1:
         configs = fma + dot[:1]
+        if op == "int4" and _cuda_kernels_for(K, group_size):
+            configs = configs + (_CU_INT4 if K % 1024 == 0 else _CU_INT4[-1:])
     elif M <= FMA_MAX_M:
         configs = fma[:3] + mma + dot
     elif M <= MMA_MAX_M:
@@ -1604,6 +1619,15 @@ def _candidates(op: str, M: int, K: int, group_size: int) -> list[tuple]:
     if op == "bf16" and M > 1 and DEQUANT not in configs:
         configs = configs + [DEQUANT]
     return configs
+
+
+def _cuda_kernels_for(K: int, group_size: int) -> bool:
+    """Whether cuda_kernels' int4 GEMV is a candidate (a GPU, nvcc, a group size it was built for)."""
+    if not torch.cuda.is_available() or _interpret():
+        return False
+    import cuda_kernels
+
+    return group_size in cuda_kernels.GROUP_SIZES and K % 32 == 0 and cuda_kernels.available("cuda")
 
 
 _best: dict[tuple, tuple] = {}  # _key(...) -> config
@@ -1671,13 +1695,19 @@ def _picks_file() -> Optional[str]:
 
 @functools.cache
 def _tuning_context(device_index: int) -> str:
-    """What a persisted pick holds for: the GPU, torch, Triton and this file's kernels (any edit retunes)."""
+    """What a persisted pick holds for: the GPU, torch, Triton, this file's kernels and cuda_kernels.py's (any
+    edit retunes)."""
     import hashlib
 
     import triton
 
-    with open(__file__, "rb") as f:
-        source = hashlib.sha1(f.read()).hexdigest()[:12]
+    import cuda_kernels
+
+    digest = hashlib.sha1()
+    for path in (__file__, cuda_kernels.__file__):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    source = digest.hexdigest()[:12]
     major, minor = torch.cuda.get_device_capability(device_index)
     return (f"{torch.cuda.get_device_name(device_index)} sm_{major}{minor} | torch {torch.__version__} | "
             f"triton {triton.__version__} | gemv.py {source} | PDL {int(pdl_supported(device_index))}")
@@ -1955,7 +1985,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
-FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p")  # kernels with NORM, RES
+FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p", "int4_cu")  # kernels with NORM, RES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -1997,6 +2027,8 @@ def _rope_fits(cfg, rope, glu, residual) -> bool:
     """Whether a config's kernel can rotate its rows as it stores them: a program's BLOCK_N rows are halves of
     one head (row_block), so BLOCK_N must divide the head dim; not with GLU or a residual."""
     block_n = cfg[1]
+    if cfg[0] == "int4_cu":  # any head dim: a warp's rows are pairs
+        return not glu and residual is None and block_n >= 2
     return (not glu and residual is None and not cfg[0].endswith("+silu") and block_n >= 2
             and rope[0].shape[1] % block_n == 0)
 
@@ -2123,6 +2155,8 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
         return silu_mul(y) if glu else y
     if kernel == "int4_dot" and glu:
         return silu_mul(_run_int4(x2, packed, scales_zeros, group_size, cfg))
+    if kernel == "int4_cu":
+        return _run_int4_cu(x2, packed, scales_zeros, group_size, cfg, glu, norm, residual, rope)
     M, K = x2.shape
     N = packed.shape[0]
     y = torch.empty(M, N // 2 if glu else N, dtype=torch.bfloat16, device=x2.device)
@@ -2159,6 +2193,29 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
             x2, packed, sz, y, M, N, K, x2.stride(0), packed.stride(0), sz.stride(0), y.stride(0),
             GROUP=group_size, BLOCK_M=_block_m(M), BLOCK_N=block_n, STAGES=stages, num_warps=warps,
             num_stages=stages)
+    return y
+
+
+def _run_int4_cu(x2, packed, scales_zeros, group_size, cfg, glu, norm, residual, rope):
+    """int4 through cuda_kernels.int4_gemv (config ("int4_cu", rows, unroll, warps, 1)); where it cannot run
+    (several rows of x, x or the norm's weight not 16-byte aligned, a shape it was not built for) the default
+    int4_h2 config instead."""
+    import cuda_kernels
+
+    _, rows, unroll, warps, _ = cfg
+    M, K = x2.shape
+    N = packed.shape[0]
+    if (M != 1 or x2.data_ptr() % 16 or (norm is not None and norm[0].data_ptr() % 16)
+            or not cuda_kernels.supports(N, K, group_size, glu, rope is not None)
+            or K % 1024 and (rows, unroll) != (2, 1)):
+        return _run_int4(x2, packed, scales_zeros, group_size, _H2_INT4[0], glu, norm, residual, rope)
+    y = torch.empty(M, N // 2 if glu else N, dtype=torch.bfloat16, device=x2.device)
+    if getattr(_compiling, "only", False):  # compile_candidates: the library was built by available()
+        return y
+    words = packed.view(torch.int32)
+    sz = scales_zeros.view(torch.int32).view(N, K // group_size)
+    cuda_kernels.int4_gemv(x2, words, sz, y, group_size, rows, unroll, warps, bool(_pdl_args(x2.device).get("PDL")),
+                           norm=norm, residual=residual, glu=glu, rope=rope)
     return y
 
 

@@ -1,0 +1,608 @@
+"""CUDA C++ kernels for decode on NVIDIA GPUs: the int4 matrix-vector product at one row of x (batch-1 decode).
+
+    cuda_kernels.int4_gemv(x2, words, sz, y, group_size, rows, unroll, warps, pdl, norm, residual, glu, rope)
+    gemv.int4_linear(...)   # takes it as the "int4_cu" configs, timed against its Triton kernels per shape
+
+Why: batch-1 decode reads every weight once a token, so a linear is a stream of int4 codes through the cores. The
+Triton kernels of gemv.py (int4_h2) reach ~0.5 of the H200's copy bandwidth on llama-3-8b's shapes, where a
+kernel that only reads the same bytes reaches ~0.9. Here one warp streams whole rows of W, each lane 16
+contiguous bytes (32 codes) of a row at a time, 512 contiguous bytes a row per warp and instruction; x is put
+once per block into shared memory, already in the pairs the codes come out in; every load of the next step is
+issued before this step's math. On the H200 (in-graph timings, benchmarks/int4_gemv_shapes.py, llama-3-8b int4
+g128): qkv 6.6 against int4_h2's 9.1 us, o_proj 4.3 / 6.7, gate_up 17.4 / 27.3 (0.84 of copy bandwidth), down
+9.7 / 13.9.
+
+    per 32-bit word (8 codes, c_j in bits 4j..4j+3, column 8w + j):
+      LOP3 (w & 0x000F000F) | 0x64006400 -> fp16 pair (1024 + c0, 1024 + c4); the mask << 4 gives 1024 + 16 c1, 16 c5;
+      w >> 8 the same for c2, c6 and c3, c7. One fp16x2 FMA a pair makes them (c - 8) / 16 exactly; four fp16x2
+      FMAs add the word's 8 products to a lane's pair of fp16 sums (x in fp16: x pairs (x0, x4), (x1, x5), ...).
+    per lane and row, every 32 columns: sum += 16 * scale * (the pair's two halves, in fp32) + zero * sum(x over
+    the 32); w_real = (q - 8) * scale + zero as quantize.py defines it.
+
+13 instructions per 8 weights, plus ~8 per 32 for the scales. The error is that of int4_h2: products and the 16
+sums of a lane in fp16 (x must be an fp16 number, |x| < 65504), all else in fp32. Layout: gemv.py's
+(quantize.pack_nibbles, packed uint8 [N, K/2] read as int32 words; scales_zeros bf16 [N, K/G, 2] read as one
+int32 a group): nothing is repacked.
+
+A warp owns `rows` rows of W (a "unit") over all of K and walks K in steps of `unroll` x 1024 columns; the grid is
+persistent (at most as many blocks as fit on the GPU at once), each warp taking units warp, warp + all warps, ...
+With model.linear's fusions: RMSNorm of x as it is put into shared memory (rounded as model.RMSNorm rounds), the
+residual add as the output is stored, SwiGLU (glu: a unit's rows are gate rows j.. and their up rows F + j..), RoPE
+(rope: rows i.. of a head and their partners i + D/2, any head dim). Launched with programmatic dependent launch
+on sm_90: the first step's weights load before griddepcontrol.wait, x and the residual after it, and the next
+kernel may launch once x is staged. Compiled instances (rows, unroll): INSTANCES for G in GROUP_SIZES with
+K % 1024 == 0, (2, 1) for other K (lanes past K masked).
+
+Tried on the H200 and not kept (BENCHMARKS.md): a tensor-core variant (mma.sync m16n8k16 on the codes as loaded, 16
+rows a warp and 64 bytes a row a group, K split over a block's warps: ~5 instructions per 8 weights instead of 13)
+was slower on every shape (gate_up 20.6 against 17.6 us, down 11.5 / 9.7); an L2 prefetch of a warp's first unit
+before griddepcontrol.wait (decode 601.6 against ~625 tok/s); launch_dependents after the loop instead of after
+the staging (598.1 against 616.6).
+
+Built with nvcc at first use (~10 s, cached in ~/.cache/flint) into a shared library called through ctypes with
+torch's current stream (a CUDA graph captures the launch). available() is False where there is no nvcc, no GPU
+of compute capability 8.0 or later, or FLINT_CUDA_KERNELS=0; gemv.py then keeps its Triton kernels.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+
+CUDA_SOURCE = r"""
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+struct Args {
+    const uint4 *x;          // bf16 [K] as 16-byte words (8 values)
+    const uint8_t *w;        // int4 codes [N, K/2]
+    const uint32_t *sz;      // (scale, zero) bf16 pairs [N, K/G]
+    uint16_t *y;             // bf16 [N] or [N/2] (glu)
+    int N, K;
+    const uint16_t *norm_w;  // bf16 [K] or null: RMSNorm(x) with this weight
+    float eps;
+    const uint16_t *res;     // bf16, laid out as y, or null
+    int glu;
+    const uint16_t *cos, *sin;  // bf16 [D] or null
+    int rope_d, rope_rows;
+    int n_units;
+};
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t b) { return __uint_as_float(b << 16); }
+__device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
+__device__ __forceinline__ uint16_t bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));
+    return r;
+}
+
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint8_t *p) {
+    // read once: not kept in L1
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void wait_for_producer() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// the rows of W that unit u covers (clamped into W for the loads); pairs (glu, RoPE): rows 2h and 2h + 1 are
+// gate j and up F + j, or rows i and i + D/2 of a head
+template <int R>
+__device__ __forceinline__ void unit_rows(const Args &a, int u, int (&rows)[R]) {
+#pragma unroll
+    for (int h = 0; h < R; h++) {
+        int row;
+        if (a.glu || a.rope_d) {
+            int p = u * (R / 2) + h / 2;
+            if (a.glu) {
+                row = p + (h & 1) * (a.N / 2);
+                if (p >= a.N / 2) row = a.N - 1;
+            } else {
+                int half = a.rope_d / 2;
+                row = (p / half) * a.rope_d + (h & 1) * half + p % half;
+            }
+        } else {
+            row = u * R + h;
+        }
+        rows[h] = min(row, a.N - 1);
+    }
+}
+
+// a lane's pointers into unit u's rows of W (its 16 bytes of the first column step) and of the scales
+template <int R, int G>
+__device__ __forceinline__ void unit_pointers(const Args &a, int u, int lane, const uint8_t *(&wrow)[R],
+                                              const uint32_t *(&srow)[R]) {
+    int rows[R];
+    unit_rows<R>(a, u, rows);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        wrow[r] = a.w + (size_t)rows[r] * (a.K >> 1) + lane * 16;
+        srow[r] = a.sz + (size_t)rows[r] * (a.K / G) + lane * 32 / G;
+    }
+}
+
+// the codes (16 bytes) and the group's (scale, zero) of a lane for column steps step * U .. step * U + U - 1
+// (EVEN: K a multiple of 1024, so that a step's lanes are all inside K or all past it)
+template <int R, int U, int G, bool EVEN>
+__device__ __forceinline__ void load_step(const Args &a, const uint8_t *const (&wrow)[R],
+                                          const uint32_t *const (&srow)[R], int step, int lane,
+                                          uint4 (&wb)[U][R], uint32_t (&sb)[U][R]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const uint8_t *wp = wrow[r] + step * (U * 512);
+        const uint32_t *sp = srow[r] + step * (U * 1024 / G);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int t = step * U + u;
+            if (EVEN) {
+                if (U == 1 || t * 1024 < a.K) {
+                    wb[u][r] = load_stream(wp + u * 512);
+                    sb[u][r] = __ldg(sp + u * (1024 / G));
+                }
+            } else {
+                bool ok = t * 1024 + lane * 32 < a.K;
+                wb[u][r] = ok ? load_stream(wp + u * 512) : make_uint4(0, 0, 0, 0);
+                sb[u][r] = ok ? __ldg(sp + u * (1024 / G)) : 0u;
+            }
+        }
+    }
+}
+
+// the epilogue's operands of unit u, lane h < R (plain) or R / 2 (pairs): residual, or RoPE's cos and sin
+template <int R>
+__device__ __forceinline__ void load_operands(const Args &a, int u, int lane, float &op0, float &op1) {
+    op0 = 0.f;
+    op1 = 0.f;
+    if (a.rope_d) {
+        int p = u * (R / 2) + lane;
+        if (lane < R / 2 && p < a.N / 2) {
+            int i = p % (a.rope_d / 2);
+            op0 = bf16_bits_to_float(a.cos[i]);
+            op1 = bf16_bits_to_float(a.sin[i]);
+        }
+    } else if (a.res) {
+        int col = a.glu ? u * (R / 2) + lane : u * R + lane;
+        int n_out = a.glu ? a.N / 2 : a.N;
+        if (lane < (a.glu ? R / 2 : R) && col < n_out) op0 = bf16_bits_to_float(a.res[col]);
+    }
+}
+
+template <int R>
+__device__ __forceinline__ void store_unit(const Args &a, int u, int lane, const float (&acc)[R], float op0, float op1) {
+    // acc: the unit's sums (every lane holds all R); lane h stores output h (plain) or pair h
+    if (a.glu || a.rope_d) {
+        if (lane >= R / 2) return;
+        float g = 0.f, v = 0.f;
+#pragma unroll
+        for (int h = 0; h < R / 2; h++)
+            if (h == lane) { g = acc[2 * h]; v = acc[2 * h + 1]; }
+        int p = u * (R / 2) + lane;
+        if (p >= a.N / 2) return;
+        g = round_bf16(g);
+        v = round_bf16(v);
+        if (a.glu) {
+            float out = round_bf16(g / (1.f + expf(-g)) * v);
+            if (a.res) out = round_bf16(out + op0);
+            a.y[p] = bf16_bits(out);
+        } else {
+            int half = a.rope_d / 2;
+            int ra = (p / half) * a.rope_d + p % half, rb = ra + half;
+            if (ra < a.rope_rows) {
+                float c = op0, s = op1;
+                a.y[ra] = bf16_bits(g * c - v * s);
+                a.y[rb] = bf16_bits(v * c + g * s);
+            } else {
+                a.y[ra] = bf16_bits(g);
+                a.y[rb] = bf16_bits(v);
+            }
+        }
+    } else {
+        if (lane >= R) return;
+        float v = 0.f;
+#pragma unroll
+        for (int h = 0; h < R; h++)
+            if (h == lane) v = acc[h];
+        int row = u * R + lane;
+        if (row >= a.N) return;
+        float out = round_bf16(v);
+        if (a.res) out = round_bf16(out + op0);
+        a.y[row] = bf16_bits(out);
+    }
+}
+
+// x (bf16 [K], RMSNorm'd if asked) into shared memory as fp16 pairs in the order the lanes read them: for column
+// step t (1024 columns), word i of lane l's 16 bytes at xs[(t * 4 + i) * 32 + l] (16 bytes: the pairs
+// (x0, x4), (x1, x5), (x2, x6), (x3, x7) of its 8 columns); xsum[t * 32 + l]: the sum of the lane's 32 x.
+// A thread loads its words (up to XB, all loads issued before their use) in one round trip to L2, and with the
+// norm keeps them for the block's sum of squares: one round trip in all where K <= 32 * threads (the norm's
+// weight was prefetched into L1 before griddepcontrol.wait). Larger K: batches of XB, and the norm reads x twice.
+#define XB 4
+__device__ __forceinline__ float sum_squares(uint4 v) {
+    const uint32_t p[4] = {v.x, v.y, v.z, v.w};
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float lo = bf16_bits_to_float(p[j] & 0xFFFF), hi = __uint_as_float(p[j] & 0xFFFF0000u);
+        ss = fmaf(lo, lo, fmaf(hi, hi, ss));
+    }
+    return ss;
+}
+
+__device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
+__device__ __forceinline__ float block_rstd(const Args &a, float ss, float *scratch) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += scratch[i];
+    return 1.f / sqrtf(total / a.K + a.eps);
+}
+
+// one word (8 columns) of x into shared memory; the 4 threads of a lane's 32 columns sum them (whole warps call)
+__device__ __forceinline__ void store_word(const Args &a, int wi, int padded, uint4 v, float rstd, uint4 *xs,
+                                           float *xsum) {
+    const uint32_t p[4] = {v.x, v.y, v.z, v.w};
+    float f[8];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        f[2 * q] = bf16_bits_to_float(p[q] & 0xFFFF);
+        f[2 * q + 1] = __uint_as_float(p[q] & 0xFFFF0000u);
+    }
+    if (a.norm_w && wi < a.K / 8) {  // rounded as model.RMSNorm: (x * rstd) to bf16, times the weight, to bf16
+        const uint4 g = reinterpret_cast<const uint4 *>(a.norm_w)[wi];
+        const uint32_t gq[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            f[2 * q] = round_bf16(round_bf16(f[2 * q] * rstd) * bf16_bits_to_float(gq[q] & 0xFFFF));
+            f[2 * q + 1] = round_bf16(round_bf16(f[2 * q + 1] * rstd) * __uint_as_float(gq[q] & 0xFFFF0000u));
+        }
+    }
+    uint32_t pairs[4];
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        __half2 h = __floats2half2_rn(f[q], f[q + 4]);
+        float2 back = __half22float2(h);
+        sum += back.x + back.y;
+        pairs[q] = *reinterpret_cast<uint32_t *>(&h);
+    }
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+    if (wi < padded) {
+        int t = wi >> 7, l = (wi >> 2) & 31, i = wi & 3;
+        xs[(t * 4 + i) * 32 + l] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+        if (i == 0) xsum[t * 32 + l] = sum;
+    }
+}
+
+__device__ void stage_x(const Args &a, int T, uint4 *xs, float *xsum, float *scratch) {
+    const int n_words = a.K / 8, padded = T * 128, threads = blockDim.x;
+    for (int base = 0; base < padded; base += XB * threads) {
+        uint4 v[XB];
+#pragma unroll
+        for (int j = 0; j < XB; j++) {
+            int wi = base + j * threads + threadIdx.x;
+            v[j] = wi < n_words ? a.x[wi] : make_uint4(0, 0, 0, 0);
+        }
+        float rstd = 1.f;
+        if (a.norm_w) {
+            float ss = 0.f;
+            if (padded <= XB * threads) {  // all of x is in v
+#pragma unroll
+                for (int j = 0; j < XB; j++) ss += sum_squares(v[j]);
+            } else {
+                for (int wi = threadIdx.x; wi < n_words; wi += threads) ss += sum_squares(a.x[wi]);
+            }
+            rstd = block_rstd(a, ss, scratch);
+        }
+#pragma unroll
+        for (int j = 0; j < XB; j++) {
+            if (base + j * threads >= padded) break;  // uniform: store_word's shuffles need whole warps
+            store_word(a, base + j * threads + threadIdx.x, padded, v[j], rstd, xs, xsum);
+        }
+    }
+}
+
+// a lane's products for one column step t (its 32 columns of each of the R rows) into acc
+template <int R>
+__device__ __forceinline__ void step_products(const uint4 *xs, const float *xsum, int t, int lane,
+                                              const uint4 (&wb)[R], const uint32_t (&sb)[R], float (&acc)[R]) {
+    const uint4 *xp = xs + t * 128 + lane;
+    const uint4 x0 = xp[0], x1 = xp[32], x2 = xp[64], x3 = xp[96];
+    const float xsm = xsum[t * 32 + lane];
+    const uint32_t xw[16] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w,
+                             x2.x, x2.y, x2.z, x2.w, x3.x, x3.y, x3.z, x3.w};
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const uint32_t ws[4] = {wb[r].x, wb[r].y, wb[r].z, wb[r].w};
+        uint32_t h = 0;  // a pair of fp16 sums
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t w = ws[i], w8 = w >> 8;
+            uint32_t c04 = lop3_and_or(w, 0x000F000Fu, 0x64006400u);   // (1024 + c0, 1024 + c4)
+            uint32_t c15 = lop3_and_or(w, 0x00F000F0u, 0x64006400u);   // (1024 + 16 c1, 1024 + 16 c5)
+            uint32_t c26 = lop3_and_or(w8, 0x000F000Fu, 0x64006400u);
+            uint32_t c37 = lop3_and_or(w8, 0x00F000F0u, 0x64006400u);
+            c04 = hfma2(c04, 0x2C002C00u, 0xD408D408u);  // (1024 + c) / 16 - 64.5 = (c - 8) / 16, exact
+            c15 = hfma2(c15, 0x1C001C00u, 0xC480C480u);  // (1024 + 16 c) / 256 - 4.5
+            c26 = hfma2(c26, 0x2C002C00u, 0xD408D408u);
+            c37 = hfma2(c37, 0x1C001C00u, 0xC480C480u);
+            h = hfma2(c04, xw[4 * i], h);
+            h = hfma2(c15, xw[4 * i + 1], h);
+            h = hfma2(c26, xw[4 * i + 2], h);
+            h = hfma2(c37, xw[4 * i + 3], h);
+        }
+        float2 f = __half22float2(*reinterpret_cast<__half2 *>(&h));
+        acc[r] = fmaf(f.x + f.y, 16.f * __uint_as_float(sb[r] << 16), acc[r]);
+        acc[r] = fmaf(__uint_as_float(sb[r] & 0xFFFF0000u), xsm, acc[r]);
+    }
+}
+
+template <int R, int U, int G, bool EVEN>
+__global__ void __launch_bounds__(512) int4_gemv_kernel(const Args a) {
+    extern __shared__ uint4 smem[];
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int T = (a.K + 1023) >> 10, S = (T + U - 1) / U;  // column steps of 1024; steps of U of them a unit
+    uint4 *xs = smem;
+    float *xsum = reinterpret_cast<float *>(smem + T * 128);
+    float *scratch = xsum + T * 32;
+    const int all_warps = gridDim.x * warps;
+
+    int unit = blockIdx.x * warps + (threadIdx.x >> 5);
+    const uint8_t *wrow[R];
+    const uint32_t *srow[R];
+    uint4 wb[U][R];
+    uint32_t sb[U][R];
+    if (unit < a.n_units) {  // W is never written: its first step loads before the previous kernel is done
+        unit_pointers<R, G>(a, unit, lane, wrow, srow);
+        load_step<R, U, G, EVEN>(a, wrow, srow, 0, lane, wb, sb);
+    }
+    if (a.norm_w)  // nor is the norm's weight
+        for (int wi = threadIdx.x; wi < a.K / 8; wi += blockDim.x) prefetch_l1(a.norm_w + 8 * wi);
+    wait_for_producer();
+    stage_x(a, T, xs, xsum, scratch);
+    __syncthreads();
+    let_dependents_launch();  // early: the next kernel's first weights load during this one (at the loop's end: slower)
+
+    for (; unit < a.n_units; unit += all_warps) {
+        float op0, op1;  // the epilogue's operands, loaded while the unit's products run
+        load_operands<R>(a, unit, lane, op0, op1);
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r] = 0.f;
+        const uint8_t *next_wrow[R];
+        const uint32_t *next_srow[R];
+        for (int step = 0; step < S; step++) {
+            uint4 nwb[U][R];
+            uint32_t nsb[U][R];
+            if (step + 1 < S) {  // the next step's loads in flight during this step's math
+                load_step<R, U, G, EVEN>(a, wrow, srow, step + 1, lane, nwb, nsb);
+            } else if (unit + all_warps < a.n_units) {
+                unit_pointers<R, G>(a, unit + all_warps, lane, next_wrow, next_srow);
+                load_step<R, U, G, EVEN>(a, next_wrow, next_srow, 0, lane, nwb, nsb);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int t = step * U + u;
+                if (U > 1 && t >= T) break;
+                step_products<R>(xs, xsum, t, lane, wb[u], sb[u], acc);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    wb[u][r] = nwb[u][r];
+                    sb[u][r] = nsb[u][r];
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+#pragma unroll
+            for (int o = 16; o; o >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], o);
+        }
+        store_unit<R>(a, unit, lane, acc, op0, op1);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            wrow[r] = next_wrow[r];
+            srow[r] = next_srow[r];
+        }
+    }
+}
+
+// ---------------------------------------------------------------- launches
+
+static int launch_kernel(const void *kernel, Args a, int units, size_t smem, int warps, int pdl, cudaStream_t stream) {
+    cudaError_t e;
+    if (smem > 48 * 1024) {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    int device, sms, per_sm = 0;
+    if ((e = cudaGetDevice(&device)) != cudaSuccess) return (int)e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)e;
+    if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem)) != cudaSuccess)
+        return (int)e;
+    a.n_units = units;
+    int blocks = (units + warps - 1) / warps;
+    if (per_sm > 0 && blocks > per_sm * sms) blocks = per_sm * sms;  // persistent: the rest loop
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(warps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    void *args[] = {&a};
+    return (int)cudaLaunchKernelExC(&cfg, kernel, args);
+}
+
+template <int R, int U, int G, bool EVEN>
+static int launch(const Args &a, int warps, int pdl, cudaStream_t stream) {
+    const int T = (a.K + 1023) >> 10;
+    const size_t smem = (size_t)T * 128 * 16 + (size_t)T * 32 * 4 + 32 * 4;
+    const int P = R >= 2 ? R / 2 : 1;  // pairs a unit
+    const int units = a.glu || a.rope_d ? (a.N / 2 + P - 1) / P : (a.N + R - 1) / R;
+    return launch_kernel((const void *)int4_gemv_kernel<R, U, G, EVEN>, a, units, smem, warps, pdl, stream);
+}
+
+extern "C" int flint_int4_gemv(const void *x, const void *w, const void *sz, void *y, int N, int K, int G,
+                               const void *norm_w, float eps, const void *res, int glu, const void *cos,
+                               const void *sin, int rope_d, int rope_rows, int rows, int unroll, int warps, int pdl,
+                               void *stream) {
+    Args a = {(const uint4 *)x, (const uint8_t *)w, (const uint32_t *)sz, (uint16_t *)y, N, K,
+              (const uint16_t *)norm_w, eps, (const uint16_t *)res, glu, (const uint16_t *)cos,
+              (const uint16_t *)sin, rope_d, rope_rows, 0};
+    cudaStream_t s = (cudaStream_t)stream;
+    const bool even = K % 1024 == 0;
+#define FLINT_CASE(R_, U_, G_, EVEN_) \
+    if (rows == R_ && unroll == U_ && G == G_ && even == EVEN_) return launch<R_, U_, G_, EVEN_>(a, warps, pdl, s);
+#define FLINT_CASES(G_) \
+    FLINT_CASE(2, 1, G_, true) FLINT_CASE(2, 2, G_, true) FLINT_CASE(2, 4, G_, true) FLINT_CASE(4, 1, G_, true) \
+    FLINT_CASE(2, 1, G_, false)
+    FLINT_CASES(32) FLINT_CASES(64) FLINT_CASES(128)
+#undef FLINT_CASES
+#undef FLINT_CASE
+    return -1;
+}
+
+extern "C" const char *flint_error_string(int e) {
+    return e < 0 ? "no such (rows, unroll) instance" : cudaGetErrorString((cudaError_t)e);
+}
+"""
+
+# the (rows, unroll) pairs compiled above: a warp's rows of W, and column steps of 1024 loaded at once
+INSTANCES = ((2, 1), (2, 2), (2, 4), (4, 1))  # K % 1024 != 0: (2, 1) only
+GROUP_SIZES = (32, 64, 128)
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flint")
+_error: Optional[str] = None
+
+
+def _nvcc() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _compile_command(nvcc: str, arch: str, src: str, out: str) -> list[str]:
+    return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            src, "-o", out]
+
+
+def _build(arch: str) -> str:
+    """Compile CUDA_SOURCE for sm_<arch> (once per source, nvcc and architecture) into CACHE_DIR; the .so's path."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("no nvcc (set CUDA_HOME)")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = CUDA_SOURCE + " ".join(_compile_command(nvcc, arch, "", "")) + version
+    path = os.path.join(CACHE_DIR, f"cuda_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
+    if not os.path.exists(path):
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        print("flint: building the CUDA kernels (once, ~10 s) ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = os.path.join(tmp, "cuda_kernels.cu"), os.path.join(tmp, "cuda_kernels.so")
+            with open(src, "w") as f:
+                f.write(CUDA_SOURCE)
+            done = subprocess.run(_compile_command(nvcc, arch, src, out), capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"nvcc failed:\n{done.stderr[-4000:]}")
+            os.replace(out, path)  # atomic: a concurrent process never loads a half-written file
+    return path
+
+
+@functools.cache
+def _library(device_index: int):
+    major, minor = torch.cuda.get_device_capability(device_index)
+    lib = ctypes.CDLL(_build(f"{major}{minor}"))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.flint_int4_gemv.argtypes = [p, p, p, p, i, i, i, p, f, p, i, p, p, i, i, i, i, i, i, p]
+    lib.flint_int4_gemv.restype = i
+    lib.flint_error_string.argtypes = [i]
+    lib.flint_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def available(device) -> bool:
+    """Whether int4_gemv runs on this device: a CUDA GPU of compute capability >= 8.0, nvcc (built at the first
+    call, which takes ~30 s; a failure is kept, see build_error()), FLINT_CUDA_KERNELS not 0."""
+    global _error
+    device = torch.device(device)
+    if os.environ.get("FLINT_CUDA_KERNELS", "1") == "0" or device.type != "cuda" or _error is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index) < (8, 0):
+        return False
+    try:
+        _library(index)
+    except (OSError, RuntimeError) as e:
+        _error = str(e)
+        return False
+    return True
+
+
+def build_error() -> Optional[str]:
+    return _error
+
+
+def supports(N: int, K: int, group_size: int, glu: bool = False, rope_d: int = 0) -> bool:
+    """Shapes int4_gemv takes: K a multiple of 32 (16 bytes a lane) and of G (32, 64 or 128), N even for the
+    pairs of glu and RoPE (rows, unroll other than (2, 1) also need K % 1024 == 0)."""
+    return (K % 32 == 0 and group_size in GROUP_SIZES and K % group_size == 0
+            and (not (glu or rope_d) or N % 2 == 0))
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def int4_gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, y: torch.Tensor, group_size: int, rows: int,
+              unroll: int, warps: int, pdl: bool, norm=None, residual=None, glu: bool = False, rope=None) -> None:
+    """y bf16 [1, N] (or [1, N/2] with glu) = x2 bf16 [1, K] @ W^T for gemv.py's int4 layout: words int32 [N, K/8]
+    (the packed codes), sz int32 [N, K/G] (scale, zero). norm (weight bf16 [K], eps), residual (bf16 as y),
+    glu, rope (cos, sin bf16 [1, D], rope_rows) as gemv.int4_linear takes them. All contiguous on one GPU."""
+    N, K = words.shape[0], words.shape[1] * 8
+    if (rows, unroll) not in INSTANCES or K % 1024 and (rows, unroll) != (2, 1) or group_size not in GROUP_SIZES:
+        raise ValueError(f"int4_gemv: no kernel for rows={rows}, unroll={unroll}, K={K}, G={group_size}")
+    norm_w, eps = norm if norm is not None else (None, 0.0)
+    cos, sin, rope_rows = rope if rope is not None else (None, None, 0)
+    rope_d = 0 if cos is None else cos.shape[-1]
+    lib = _library(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    err = lib.flint_int4_gemv(x2.data_ptr(), words.data_ptr(), sz.data_ptr(), y.data_ptr(), N, K, group_size,
+                              _ptr(norm_w), float(eps), _ptr(residual), int(glu), _ptr(cos), _ptr(sin), rope_d,
+                              int(rope_rows), rows, unroll, warps, int(pdl), stream)
+    if err:
+        raise RuntimeError(f"int4_gemv: {lib.flint_error_string(err).decode()}")
