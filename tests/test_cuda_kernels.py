@@ -1,18 +1,51 @@
 """cuda_kernels.py's int4 GEMV against the dequantized fp32 reference and against gemv.py's Triton int4_h2 kernel
 (the same math in another order), every compiled (rows, unroll) instance, with each fusion (RMSNorm, residual,
-SwiGLU, RoPE). GPU only: skipped where there is no CUDA GPU or no nvcc. The tolerance is test_gemv's: the output is
-rounded to bf16 after fp32 sums, each lane's 32 products summed in fp16 (|y - ref| <= 2^-7 |ref| + 2^-9 max|ref|).
+SwiGLU, RoPE), in a CUDA graph: on a GPU with nvcc only. On any machine: when the kernel is offered (available,
+supports, gemv's candidates), and that the source compiles where there is an nvcc. The tolerance is test_gemv's:
+the output is rounded to bf16 after fp32 sums, each lane's 32 products summed in fp16
+(|y - ref| <= 2^-7 |ref| + 2^-9 max|ref|).
 """
+import shutil
+
 import pytest
 import torch
 
 import cuda_kernels
+import gemv
+import quantize as Q
 
-if not torch.cuda.is_available() or not cuda_kernels.available("cuda"):
-    pytest.skip(f"no CUDA GPU or no nvcc ({cuda_kernels.build_error()})", allow_module_level=True)
+GPU = torch.cuda.is_available() and cuda_kernels.available("cuda")
+gpu = pytest.mark.skipif(not GPU, reason=f"no CUDA GPU or no nvcc ({cuda_kernels.build_error()})")
 
-import gemv  # noqa: E402
-import quantize as Q  # noqa: E402
+
+def test_offered_only_on_a_gpu_and_not_when_turned_off(monkeypatch):
+    assert not cuda_kernels.available("cpu")
+    monkeypatch.setenv("FLINT_CUDA_KERNELS", "0")
+    assert not cuda_kernels.available("cuda")
+
+
+def test_supported_shapes():
+    assert cuda_kernels.supports(6144, 4096, 128, rope_d=128) and cuda_kernels.supports(28672, 4096, 128, glu=True)
+    assert cuda_kernels.supports(97, 640, 32) and cuda_kernels.supports(96, 576, 64)
+    assert not cuda_kernels.supports(97, 640, 128, glu=True)  # glu pairs need an even N
+    assert not cuda_kernels.supports(96, 640, 256)  # no instance for G = 256
+    assert not cuda_kernels.supports(96, 600, 32)  # 16 bytes a lane
+
+
+def test_gemv_offers_it_at_one_row_where_it_builds(monkeypatch):
+    monkeypatch.setattr(gemv, "_cuda_kernels_for", lambda K, G: True)
+    names = lambda M, K: [c for c in gemv.candidates("int4", M, K, 128) if c[0] == "int4_cu"]  # noqa: E731
+    assert names(1, 4096) == gemv._CU_INT4 and names(1, 640) == [("int4_cu", 2, 1, 8, 1)]  # ragged K: (2, 1)
+    assert names(2, 4096) == [] and [c for c in gemv.candidates("int8", 1, 4096) if c[0] == "int4_cu"] == []
+    assert all((c[1], c[2]) in cuda_kernels.INSTANCES for c in gemv._CU_INT4)
+    monkeypatch.setattr(gemv, "_cuda_kernels_for", lambda K, G: False)
+    assert names(1, 4096) == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and cuda_kernels._nvcc() is None, reason="no nvcc")
+def test_source_compiles_for_hopper():
+    assert cuda_kernels._build("90").endswith(".so")
+
 
 # (N, K, G): K a multiple of 1024 (every instance) with a step count that U does not divide (3, 14); K = 640 (the
 # lanes past K); N = 28672 (more units than warps on the GPU: each warp takes several)
@@ -42,6 +75,7 @@ def configs(K, G):
             if K % 1024 == 0 or (r, u) == (2, 1)]
 
 
+@gpu
 @pytest.mark.parametrize("N,K,G", SHAPES)
 def test_int4_gemv_every_instance(N, K, G):
     x, packed, sz, ref = problem(N, K, G)
@@ -53,6 +87,7 @@ def test_int4_gemv_every_instance(N, K, G):
         assert torch.equal(gemv._run_int4(x, packed, sz, G, cfg), y), cfg  # deterministic
 
 
+@gpu
 @pytest.mark.parametrize("N,K,G", [(300, 3072, 128), (98, 640, 128), (28672, 1024, 128)])
 def test_int4_gemv_fusions(N, K, G):
     # the norm (x of a few hundred, as a residual stream is), the residual, SwiGLU and RoPE against the
@@ -86,6 +121,7 @@ def test_int4_gemv_fusions(N, K, G):
             assert torch.equal(rope[:, rope_rows:], plain[:, rope_rows:])  # v: as computed
 
 
+@gpu
 def test_int4_linear_picks_among_them():
     # the op's tuner times the int4_cu configs beside the Triton ones; whatever it picks, the op is right
     x, packed, sz, ref = problem(4096, 4096, 128)
@@ -93,6 +129,7 @@ def test_int4_linear_picks_among_them():
     close(gemv.int4_linear(x, packed, sz, 128), ref)
 
 
+@gpu
 def test_int4_gemv_in_a_cuda_graph():
     x, packed, sz, ref = problem(1024, 2048, 64)
     cfg = ("int4_cu", 2, 2, 8, 1)
