@@ -116,19 +116,19 @@ kernel that only reads the same bytes) is 0.93/0.85/1.05/1.02 for the int8 bytes
 the int4 ones: int4 is bound by instructions and loads in flight, the small int8 shapes by a program's serial
 round trips to memory.
 
-Candidates: M = 1 the fma configs (and one dot; int4: the int4_cu ones where they build), 2..4 rows both and the mma kernels (int8_mma, int4_mma,
-bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches) dot timed against
-"dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every M > 64
-(prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
-Without Triton (or on CPU without the interpreter) the ops compute the same thing with torch. The first call
-for a (shape, row bucket) compiles the candidates all at once in threads (compile_candidates), then times them
-on the GPU in a CUDA graph of back-to-back calls over weight copies larger than L2, as a decode step runs them
-(FLINT_GEMV_TUNE=bench times one call at a time with do_bench instead, FLINT_GEMV_TUNE=0 takes the first
-candidate untimed, FLINT_GEMV_PICKS pins configs per shape). The picks persist in ~/.cache/flint/gemv_picks.json
-per GPU, torch, Triton and gemv.py version, so only a machine's first run pays the timing (FLINT_GEMV_CACHE:
-another file, 0: tune in every process). Inside gemv.no_tuning() (the engine's prefills) new shapes run their
-default config untimed and stay untuned. tuning_log() tells what was chosen and measured (picks taken from the
-file have no timings). FLINT_GEMV_MMA=0 leaves the mma kernels out.
+Candidates: M = 1 the fma configs (and one dot; int4: the int4_cu ones where they build), 2..4 rows both and the mma
+kernels (int8_mma, int4_mma, bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches)
+dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every
+M > 64 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
+Without Triton (or on CPU without the interpreter) the ops compute the same thing with torch. The first call for a
+(shape, row bucket) compiles the candidates all at once in threads (compile_candidates), then times them on the GPU
+in a CUDA graph of back-to-back calls over weight copies larger than L2, as a decode step runs them
+(FLINT_GEMV_TUNE=bench times one call at a time with do_bench instead, FLINT_GEMV_TUNE=0 takes the first candidate
+untimed, FLINT_GEMV_PICKS pins configs per shape). The picks persist in ~/.cache/flint/gemv_picks.json per GPU,
+torch, Triton and gemv.py and cuda_kernels.py version, so only a machine's first run pays the timing
+(FLINT_GEMV_CACHE: another file, 0: tune in every process). Inside gemv.no_tuning() (the engine's prefills) new
+shapes run their default config untimed and stay untuned. tuning_log() tells what was chosen and measured (picks
+taken from the file have no timings). FLINT_GEMV_MMA=0 leaves the mma kernels out.
 """
 import contextlib
 import functools
@@ -1985,7 +1985,8 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(y.dtype)
 
 
-FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p", "int4_cu")  # kernels with NORM, RES
+# kernels with the NORM prologue and the RES epilogue
+FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p", "int4_cu")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
