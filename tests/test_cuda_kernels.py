@@ -70,7 +70,7 @@ def close(y, ref):
     assert (err <= bound).all(), f"max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"
 
 
-def configs(K, G):
+def configs(K):
     return [("int4_cu", r, u, w, 1) for r, u in cuda_kernels.INSTANCES for w in WARPS
             if K % 1024 == 0 or (r, u) == (2, 1)]
 
@@ -81,7 +81,7 @@ def test_int4_gemv_every_instance(N, K, G):
     x, packed, sz, ref = problem(N, K, G)
     triton_y = gemv._run_int4(x, packed, sz, G, gemv._H2_INT4[0])
     close(triton_y, ref)
-    for cfg in configs(K, G):
+    for cfg in configs(K):
         y = gemv._run_int4(x, packed, sz, G, cfg)
         close(y, ref)
         assert torch.equal(gemv._run_int4(x, packed, sz, G, cfg), y), cfg  # deterministic
@@ -109,7 +109,7 @@ def test_int4_gemv_fusions(N, K, G):
         err = (got.float() - want.float()).abs()
         assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), (what, err.max())
 
-    for cfg in configs(K, G):
+    for cfg in configs(K):
         plain = gemv._run_int4(xn, packed, sz, G, cfg)
         ok(gemv._run_int4(x, packed, sz, G, cfg, False, (g, 1e-5), res), plain.float() + res.float(), (cfg, "norm"))
         if cfg[1] >= 2:
