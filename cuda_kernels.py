@@ -37,7 +37,9 @@ Tried on the H200 and not kept (BENCHMARKS.md): a tensor-core variant (mma.sync 
 rows a warp and 64 bytes a row a group, K split over a block's warps: ~5 instructions per 8 weights instead of 13)
 was slower on every shape (gate_up 20.6 against 17.6 us, down 11.5 / 9.7); an L2 prefetch of a warp's first unit
 before griddepcontrol.wait (decode 601.6 against ~625 tok/s); launch_dependents after the loop instead of after
-the staging (598.1 against 616.6).
+the staging (598.1 against 616.6); one unit a warp with all of it loaded before griddepcontrol.wait (qkv 7.6 against
+6.5 us); fewer blocks than fit, to leave room for the next kernel's (slower on every shape); decode attention in
+one kernel with thread block clusters (int4 decode 569 against 621 tok/s).
 
 Built with nvcc at first use (~10 s, cached in ~/.cache/flint) into a shared library called through ctypes with
 torch's current stream (a CUDA graph captures the launch). available() is False where there is no nvcc, no GPU

@@ -2,7 +2,8 @@
 RoPE, o_proj with the residual, gate_up with the norm and SwiGLU, down_proj with the residual): gemv's tuner times
 every candidate in a CUDA graph over weight copies past L2 (FLINT_GEMV_CACHE=0: no stored picks), and this prints
 its pick and the best Triton and cuda_kernels config of each shape, in us and GB/s of int4 bytes, beside the copy
-bandwidth measured in the same run. One JSON object a line. GPU only.
+bandwidth measured in the same run, and every cuda_kernels config's time (cuda_all_us). One JSON object a line.
+GPU only.
 
     python benchmarks/int4_gemv_shapes.py
 """
@@ -55,6 +56,8 @@ def main():
                 best = min(mine, key=mine.get)
                 row.update({f"{label}_best": "/".join(map(str, best)), f"{label}_us": round(mine[best] * 1e3, 2),
                             f"{label}_gb_per_s": round(nbytes / mine[best] / 1e6, 1)})
+        row["cuda_all_us"] = {"/".join(map(str, c)): round(t * 1e3, 2)
+                              for c, t in sorted(times.items(), key=lambda i: i[1]) if c[0].startswith("int4_cu")}
         print(json.dumps(row), flush=True)
 
 
