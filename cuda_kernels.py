@@ -1,7 +1,10 @@
-"""CUDA C++ kernels for decode on NVIDIA GPUs: the int4 matrix-vector product at one row of x (batch-1 decode).
+"""CUDA C++ kernels for decode on NVIDIA GPUs: the int4 matrix-vector product at one row of x (batch-1 decode), and
+one-token attention over a static cache in one kernel (sm_90, opt-in).
 
     cuda_kernels.int4_gemv(x2, words, sz, y, group_size, rows, unroll, warps, pdl, norm, residual, glu, rope)
     gemv.int4_linear(...)   # takes it as the "int4_cu" configs, timed against its Triton kernels per shape
+    cuda_kernels.decode_attention(q, k, v, k_cache, v_cache, pos, window, out, pdl)
+    kv.decode_attention(...)  # takes it with FLINT_CUDA_ATTENTION=1, else its Triton split and merge kernels
 
 Why: batch-1 decode reads every weight once a token, so a linear is a stream of int4 codes through the cores. The
 Triton kernels of gemv.py (int4_h2) reach ~0.5 of the H200's copy bandwidth on llama-3-8b's shapes, where a
@@ -38,8 +41,15 @@ rows a warp and 64 bytes a row a group, K split over a block's warps: ~5 instruc
 was slower on every shape (gate_up 20.6 against 17.6 us, down 11.5 / 9.7); an L2 prefetch of a warp's first unit
 before griddepcontrol.wait (decode 601.6 against ~625 tok/s); launch_dependents after the loop instead of after
 the staging (598.1 against 616.6); one unit a warp with all of it loaded before griddepcontrol.wait (qkv 7.6 against
-6.5 us); fewer blocks than fit, to leave room for the next kernel's (slower on every shape); decode attention in
-one kernel with thread block clusters (int4 decode 569 against 621 tok/s).
+6.5 us); fewer blocks than fit, to leave room for the next kernel's (slower on every shape).
+
+decode_attention: a thread block cluster a (row, kv head), up to 16 blocks of 4 warps; a lane holds 8 dims of one
+slot's key and value, each lane group an online softmax; lane groups merge by shuffles, a block's warps in shared
+memory, and the blocks through distributed shared memory: block r owns slice r of the outputs, every block stores
+its partial of each slice into the owner's shared memory, and the owners merge and write. The cache's earlier
+slots load before griddepcontrol.wait. On the H200, per layer in a CUDA graph over 32 layers' caches (llama-3-8b
+heads, 385 slots, position 383): 4.29 us alone against the Triton split and merge's 4.06, 9.69 against 10.70 after
+each layer's int4 qkv GEMV. A first version, where block 0 merged all 16 partials by itself, took 7.5 us.
 
 Built with nvcc at first use (~10 s, cached in ~/.cache/flint) into a shared library called through ctypes with
 torch's current stream (a CUDA graph captures the launch). available() is False where there is no nvcc, no GPU
@@ -62,6 +72,9 @@ CUDA_SOURCE = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <cooperative_groups.h>
+
+namespace cg = cooperative_groups;
 
 struct Args {
     const uint4 *x;          // bf16 [K] as 16-byte words (8 values)
@@ -499,8 +512,290 @@ extern "C" int flint_int4_gemv(const void *x, const void *w, const void *sz, voi
     return -1;
 }
 
+// ---------------------------------------------------------------- decode attention (sm_90: thread block clusters)
+// One query token per row over a static cache [Bc, Hkv, S, D], slots lo..pos of the row: the kv head's GROUP query
+// heads at once. A cluster of C blocks per (row, kv head); a lane holds DL = 8 dims of one slot's key and value
+// (LS = D / 8 lanes a slot, 32 / LS slots a warp), cluster step cs covers slots cs * C * SPC .. + C * SPC, block r
+// the SPC of them at r * SPC, walked U cluster steps at a time with the next U's loads in flight. Each lane group
+// keeps an online softmax (max m, sum l, output o, in log2 units); lane groups merge by shuffles, warps in shared
+// memory, and the C blocks through distributed shared memory: block r owns slice r of the GROUP x D outputs, every
+// block stores its partial of each slice into the owner's shared memory, and each owner merges and writes its
+// slice. One kernel, where the split kernel of kv.py needs a second one to merge. The cache's earlier slots
+// load before griddepcontrol.wait (no kernel of this step writes them); q and the step's key and value (stored
+// at pos by block 0) after it.
+
+struct AttnArgs {
+    const uint16_t *q, *kn, *vn;  // bf16 [B, H, 1, D], [B, Hkv, 1, D] x2 (strided views, unit stride along D)
+    uint16_t *kc, *vc, *out;      // caches bf16 [Bc, Hkv, S, D] (same strides); out bf16 [B, H, 1, D]
+    const void *pos;              // int32 or int64 [B] (stride s_pos)
+    int pos64;
+    long long sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, s_pos, sk_b, sk_h, sk_s, so_b, so_h;
+    int Hkv, S, group, window;    // window > 0: slots pos - window + 1 .. pos
+    float scale;                  // log2(e) / sqrt(D)
+};
+
+#define ATTN_CMAX 16  // blocks a cluster at most
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, ~2 ulp; 2^-inf = 0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// the weight of a partial of max m in a merge of max M (an empty partial, m = -inf, weighs nothing)
+__device__ __forceinline__ float rescale(float m, float M) { return m == -INFINITY ? 0.f : fast_exp2(m - M); }
+
+__device__ __forceinline__ void bf16x8(uint4 v, float (&f)[8]) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+
+// at most 128 registers with 4 query heads: a block fits beside the qkv GEMV's (which leaves 16K registers of an SM)
+// and loads its keys before that one ends
+template <int D, int GMAX, int U>
+__global__ void __launch_bounds__(128, GMAX <= 4 ? 4 : 2) decode_attention_kernel(const AttnArgs a) {
+#if __CUDA_ARCH__ >= 900
+    constexpr int DL = 8, LS = D / DL, SPW = 32 / LS, WARPS = 4, SPC = WARPS * SPW;
+    __shared__ float warp_m[WARPS][GMAX], warp_l[WARPS][GMAX], warp_f[WARPS][GMAX];
+    __shared__ float warp_o[WARPS][GMAX][D];
+    __shared__ float part_m[ATTN_CMAX][GMAX], part_l[ATTN_CMAX][GMAX];  // every block's max and sum, pushed here
+    __shared__ float part_o[GMAX * D];  // every block's partial output of this block's slice: [C][GMAX * D / C]
+    cg::cluster_group cluster = cg::this_cluster();
+    const int C = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
+    // every block of the cluster must have started before one writes to another's shared memory: arrive now, wait
+    // just before those stores
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    const int b = blockIdx.y / a.Hkv, kvh = blockIdx.y % a.Hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = lane / LS, dl = lane % LS;
+    const long long pos = a.pos64 ? reinterpret_cast<const long long *>(a.pos)[b * a.s_pos]
+                                  : (long long)reinterpret_cast<const int *>(a.pos)[b * a.s_pos];
+    const long long lo = a.window > 0 ? max(pos - a.window + 1, 0LL) : 0LL;
+    const long long stride = (long long)C * SPC;  // slots a cluster step
+    const long long mine = rank * SPC + warp * SPW + j;  // this lane's slot in a cluster step
+    const int first = (int)(lo / stride), last = (int)(pos / stride);
+    const long long head = b * a.sk_b + kvh * a.sk_h + dl * DL;
+    const uint4 *kc = reinterpret_cast<const uint4 *>(a.kc + head), *vc = reinterpret_cast<const uint4 *>(a.vc + head);
+    const long long step_words = a.sk_s / 8;  // 16-byte words a slot
+
+    uint4 kb[U], vb[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const long long slot = (first + u) * stride + mine;
+        const bool old = slot >= lo && slot < pos;  // slot pos is this step's: from kn, vn below
+        kb[u] = old ? kc[slot * step_words] : make_uint4(0, 0, 0, 0);
+        vb[u] = old ? vc[slot * step_words] : make_uint4(0, 0, 0, 0);
+    }
+    wait_for_producer();
+    float q[GMAX][DL];
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (g < a.group)
+            w = *reinterpret_cast<const uint4 *>(a.q + b * a.sq_b + (kvh * a.group + g) * a.sq_h + dl * DL);
+        bf16x8(w, q[g]);
+#pragma unroll
+        for (int i = 0; i < DL; i++) q[g][i] *= a.scale;
+    }
+    const uint4 kn = *reinterpret_cast<const uint4 *>(a.kn + b * a.skn_b + kvh * a.skn_h + dl * DL);
+    const uint4 vn = *reinterpret_cast<const uint4 *>(a.vn + b * a.svn_b + kvh * a.svn_h + dl * DL);
+    if (rank == 0 && warp == 0 && j == 0) {  // LS lanes: the step's key and value into slot pos
+        const_cast<uint4 *>(kc)[pos * step_words] = kn;
+        const_cast<uint4 *>(vc)[pos * step_words] = vn;
+    }
+    let_dependents_launch();
+
+    float m[GMAX], l[GMAX], o[GMAX][DL];
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DL; i++) o[g][i] = 0.f;
+    }
+    for (int cs0 = first; cs0 <= last; cs0 += U) {
+        uint4 nk[U], nv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {  // the next U cluster steps' loads in flight during this one's math
+            const long long slot = (cs0 + U + u) * stride + mine;
+            const bool old = cs0 + U + u <= last && slot >= lo && slot < pos;
+            nk[u] = old ? kc[slot * step_words] : make_uint4(0, 0, 0, 0);
+            nv[u] = old ? vc[slot * step_words] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (cs0 + u > last) break;  // the same for the whole cluster: the shuffles below see whole warps
+            const long long slot = (cs0 + u) * stride + mine;
+            float kf[DL], vf[DL];
+            bf16x8(slot == pos ? kn : kb[u], kf);
+            bf16x8(slot == pos ? vn : vb[u], vf);
+            float s[GMAX];
+#pragma unroll
+            for (int g = 0; g < GMAX; g++) {
+                s[g] = 0.f;
+#pragma unroll
+                for (int i = 0; i < DL; i++) s[g] = fmaf(q[g][i], kf[i], s[g]);
+#pragma unroll
+                for (int off = LS / 2; off; off >>= 1) s[g] += __shfl_xor_sync(0xFFFFFFFFu, s[g], off);
+            }
+            if (slot >= lo && slot <= pos) {
+#pragma unroll
+                for (int g = 0; g < GMAX; g++) {
+                    const float M = fmaxf(m[g], s[g]), keep = rescale(m[g], M), p = fast_exp2(s[g] - M);
+                    l[g] = fmaf(l[g], keep, p);
+#pragma unroll
+                    for (int i = 0; i < DL; i++) o[g][i] = fmaf(o[g][i], keep, p * vf[i]);
+                    m[g] = M;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            kb[u] = nk[u];
+            vb[u] = nv[u];
+        }
+    }
+    // the warp's lane groups (lanes j * LS + dl hold dims dl * DL .. of slot group j)
+#pragma unroll
+    for (int off = LS; off < 32; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            const float m2 = __shfl_xor_sync(0xFFFFFFFFu, m[g], off), l2 = __shfl_xor_sync(0xFFFFFFFFu, l[g], off);
+            const float M = fmaxf(m[g], m2), w1 = rescale(m[g], M), w2 = rescale(m2, M);
+            l[g] = l[g] * w1 + l2 * w2;
+#pragma unroll
+            for (int i = 0; i < DL; i++) o[g][i] = o[g][i] * w1 + __shfl_xor_sync(0xFFFFFFFFu, o[g][i], off) * w2;
+            m[g] = M;
+        }
+    }
+    if (j == 0) {
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+#pragma unroll
+            for (int i = 0; i < DL; i++) warp_o[warp][g][dl * DL + i] = o[g][i];
+            if (dl == 0) {
+                warp_m[warp][g] = m[g];
+                warp_l[warp][g] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < GMAX) {  // the block's max and sum of query head g, and each warp's weight in them
+        const int g = threadIdx.x;
+        float M = -INFINITY, sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, warp_m[w][g]);
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            warp_f[w][g] = rescale(warp_m[w][g], M);
+            sum += warp_f[w][g] * warp_l[w][g];
+        }
+        warp_m[0][g] = M;  // read below only as the block's max, after the barrier
+        warp_l[0][g] = sum;
+    }
+    __syncthreads();
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    // the block's partial, each slice into its owner's shared memory (these stores do not wait for an answer)
+    const int slice = GMAX * D / C;
+    if (threadIdx.x < C * GMAX) {
+        const int owner = threadIdx.x / GMAX, g = threadIdx.x % GMAX;
+        cluster.map_shared_rank(&part_m[0][0], owner)[rank * GMAX + g] = warp_m[0][g];
+        cluster.map_shared_rank(&part_l[0][0], owner)[rank * GMAX + g] = warp_l[0][g];
+    }
+    for (int e = threadIdx.x; e < GMAX * D; e += blockDim.x) {
+        const int g = e / D, d = e % D, owner = e / slice;
+        float acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) acc = fmaf(warp_f[w][g], warp_o[w][g][d], acc);
+        cluster.map_shared_rank(part_o, owner)[rank * slice + e % slice] = acc;
+    }
+    cluster.sync();  // every block's pieces are where they belong; from here each block reads its own memory only
+    for (int i = threadIdx.x; i < slice; i += blockDim.x) {
+        const int e = rank * slice + i, g = e / D, d = e % D;
+        if (g >= a.group) break;  // g grows with i
+        float M = -INFINITY;
+        for (int r = 0; r < C; r++) M = fmaxf(M, part_m[r][g]);
+        float acc = 0.f, sum = 0.f;
+        for (int r = 0; r < C; r++) {
+            const float f = rescale(part_m[r][g], M);
+            acc = fmaf(f, part_o[r * slice + i], acc);
+            sum = fmaf(f, part_l[r][g], sum);
+        }
+        a.out[b * a.so_b + (kvh * a.group + g) * a.so_h + d] = bf16_bits(acc / sum);
+    }
+#endif
+}
+
+template <int D, int GMAX, int U>
+static int launch_attention(const AttnArgs &a, int B, int C, int pdl, cudaStream_t stream) {
+    const void *kernel = (const void *)decode_attention_kernel<D, GMAX, U>;
+    if (C > ATTN_CMAX || C & (C - 1)) return -1;  // a power of two: slices of GMAX * D / C outputs
+    cudaError_t e;
+    if (C > 8 && (e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)) != cudaSuccess)
+        return (int)e;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(C, B * a.Hkv);
+    cfg.blockDim = dim3(128);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = C;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 2 : 1;
+    AttnArgs args_copy = a;
+    void *args[] = {&args_copy};
+    return (int)cudaLaunchKernelExC(&cfg, kernel, args);
+}
+
+// the largest cluster (16, else 8) that the device can run of the D = 128, GMAX = 8 instance (the most registers)
+extern "C" int flint_attention_max_cluster() {
+    const void *kernel = (const void *)decode_attention_kernel<128, 8, 2>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) return 8;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(16, 1);
+    cfg.blockDim = dim3(128);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 16;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+        cudaGetLastError();
+        return 8;
+    }
+    return 16;
+}
+
+// strides: q (b, h), kn (b, h), vn (b, h), pos, cache (b, h, s), out (b, h): 12 values, in elements
+extern "C" int flint_decode_attention(const void *q, const void *kn, const void *vn, void *kc, void *vc,
+                                      const void *pos, int pos64, void *out, const long long *strides, int B,
+                                      int Hkv, int S, int D, int group, int window, int cluster, int pdl,
+                                      void *stream) {
+    AttnArgs a = {(const uint16_t *)q, (const uint16_t *)kn, (const uint16_t *)vn, (uint16_t *)kc, (uint16_t *)vc,
+                  (uint16_t *)out, pos, pos64, strides[0], strides[1], strides[2], strides[3], strides[4],
+                  strides[5], strides[6], strides[7], strides[8], strides[9], strides[10], strides[11], Hkv, S,
+                  group, window, 1.4426950408889634f / sqrtf((float)D)};
+    cudaStream_t s = (cudaStream_t)stream;
+    const int gmax = group <= 4 ? 4 : group <= 8 ? 8 : 0;
+    if (D == 64 && gmax == 4) return launch_attention<64, 4, 2>(a, B, cluster, pdl, s);
+    if (D == 64 && gmax == 8) return launch_attention<64, 8, 2>(a, B, cluster, pdl, s);
+    if (D == 128 && gmax == 4) return launch_attention<128, 4, 2>(a, B, cluster, pdl, s);
+    if (D == 128 && gmax == 8) return launch_attention<128, 8, 2>(a, B, cluster, pdl, s);
+    return -1;
+}
+
 extern "C" const char *flint_error_string(int e) {
-    return e < 0 ? "no such (rows, unroll) instance" : cudaGetErrorString((cudaError_t)e);
+    return e < 0 ? "no such kernel instance" : cudaGetErrorString((cudaError_t)e);
 }
 """
 
@@ -552,6 +847,10 @@ def _library(device_index: int):
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.flint_int4_gemv.argtypes = [p, p, p, p, i, i, i, p, f, p, i, p, p, i, i, i, i, i, i, p]
     lib.flint_int4_gemv.restype = i
+    lib.flint_decode_attention.argtypes = [p, p, p, p, p, p, i, p, p, i, i, i, i, i, i, i, i, p]
+    lib.flint_decode_attention.restype = i
+    lib.flint_attention_max_cluster.argtypes = []
+    lib.flint_attention_max_cluster.restype = i
     lib.flint_error_string.argtypes = [i]
     lib.flint_error_string.restype = ctypes.c_char_p
     return lib
@@ -608,3 +907,63 @@ def int4_gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, y: torch.
                               int(rope_rows), rows, unroll, warps, int(pdl), stream)
     if err:
         raise RuntimeError(f"int4_gemv: {lib.flint_error_string(err).decode()}")
+
+
+# ---------------------------------------------------------------- decode attention
+
+ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_MAX_GROUP = 8  # query heads a kv head
+
+
+def attention_available(device) -> bool:
+    """Whether decode_attention runs on this device: available() and compute capability 9.0 or later (thread block
+    clusters). kv.py uses it only with FLINT_CUDA_ATTENTION=1 (see kv.cuda_attention_enabled)."""
+    device = torch.device(device)
+    if not available(device):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, pos: torch.Tensor) -> bool:
+    """Shapes and layouts decode_attention takes: bf16, head dim 64 or 128, at most 8 query heads a kv head, unit
+    stride along the head dim and 16-byte aligned rows, pos int32 or int64."""
+    H, Hkv, D = q.shape[1], k_cache.shape[1], q.shape[-1]
+    tensors = (q, k, v, k_cache, v_cache)
+    return (D in ATTENTION_HEAD_DIMS and H % Hkv == 0 and H // Hkv <= ATTENTION_MAX_GROUP
+            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                    and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
+            and k_cache.stride() == v_cache.stride() and pos.dtype in (torch.int32, torch.int64))
+
+
+@functools.cache
+def _max_cluster(device_index: int) -> int:
+    return _library(device_index).flint_attention_max_cluster()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pos: torch.Tensor, window: int, out: torch.Tensor, pdl: bool, cluster: Optional[int] = None) -> None:
+    """kv.decode_attention's work in one kernel: out [B, H, 1, D] = softmax(q k^T / sqrt(D)) v over the cache's
+    slots lo..pos[b] of each row b, storing k, v [B, Hkv, 1, D] at slot pos[b] first. Shapes as attention_supports
+    takes them; out contiguous. cluster: blocks a (row, kv head), a power of two up to 16 (tests; default: enough
+    to fill the GPU)."""
+    B, H, _, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if cluster is None:  # enough blocks to fill the GPU (one an SM at batch 1), no more than the slots need
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        slots_a_block = 4 * 32 // (D // 8)
+        cluster = 1
+        while cluster < _max_cluster(index) and cluster * B * Hkv < sms and cluster * slots_a_block < S:
+            cluster *= 2
+    strides = (ctypes.c_longlong * 12)(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                       pos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                       out.stride(0), out.stride(1))
+    lib = _library(index)
+    err = lib.flint_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     pos.data_ptr(), int(pos.dtype == torch.int64), out.data_ptr(), strides, B, Hkv, S,
+                                     D, H // Hkv, int(window), cluster, int(pdl),
+                                     torch.cuda.current_stream(q.device).cuda_stream)
+    if err:
+        raise RuntimeError(f"decode_attention: {lib.flint_error_string(err).decode()}")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import cpu_kernels
+import cuda_kernels
 import gemv  # pdl_supported: whether kernels may launch early (programmatic dependent launch)
 
 
@@ -113,10 +114,19 @@ class StaticKVCache:
 # Merging in the split kernel instead (the last program of a (row, kv head) to finish, after an atomic counter)
 # measured slower on the H200: 5.5 against 3.7 us a call at batch 1, position 128, and llama-3-8b decode 244.6
 # against 251.2 tok/s (int4 448 against 469): the merge kernel, launched early through PDL, costs less than
-# the last program's round trips after the counter. One CUDA kernel with thread block clusters (a cluster of blocks a
-# (row, kv head), merged through distributed shared memory) measured slower too: int4 decode 569 against 621 tok/s.
+# the last program's round trips after the counter.
+# cuda_kernels.decode_attention does it all in one kernel on sm_90 (a thread block cluster a (row, kv head), the
+# pieces merged through distributed shared memory). Opt-in with FLINT_CUDA_ATTENTION=1: on the H200 at batch 1 it
+# made llama-3-8b int4 decode faster (638.1 against 627.6 tok/s) and bf16 slower (254.3 against 256.1), one run
+# each; batch 8 is not measured with it.
 
 DECODE_SPLIT = 64  # key slots per program
+
+
+def cuda_attention_enabled() -> bool:
+    """FLINT_CUDA_ATTENTION=1: decode steps on a GPU of compute capability 9.0 use cuda_kernels.decode_attention
+    where it takes the shapes (bf16, head dim 64 or 128, at most 8 query heads a kv head), else the Triton kernels."""
+    return os.environ.get("FLINT_CUDA_ATTENTION", "0") == "1"
 
 
 DECODE_KERNEL_ON_CPU = False  # tests: run the kernels through Triton's interpreter on CPU tensors
@@ -237,12 +247,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("decode_attention: the key and value caches must have the same strides, unit along D")
-    acc = torch.empty(B, H, pieces, D, dtype=torch.float32, device=q.device)  # unnormalised partial outputs
-    ml = torch.empty(B, H, pieces, 2, dtype=torch.float32, device=q.device)  # their max and sum
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    split, merge = _decode_kernels()
     pdl = (q.is_cuda and os.environ.get("FLINT_ATTN_PDL", "1") != "0"
            and gemv.pdl_supported(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+    if (q.is_cuda and cuda_attention_enabled() and cuda_kernels.attention_available(q.device)
+            and cuda_kernels.attention_supports(q, k, v, k_cache, v_cache, pos)):
+        cuda_kernels.decode_attention(q, k, v, k_cache, v_cache, pos, window, out, pdl)  # one kernel (sm_90)
+        return out
+    acc = torch.empty(B, H, pieces, D, dtype=torch.float32, device=q.device)  # unnormalised partial outputs
+    ml = torch.empty(B, H, pieces, 2, dtype=torch.float32, device=q.device)  # their max and sum
+    split, merge = _decode_kernels()
     pdl_args = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     split[(B * Hkv, pieces)](q, k, v, k_cache, v_cache, pos, acc, ml, Hkv, S, window if window > 0 else S + 1,
                              1.0 / math.sqrt(D), q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -3,7 +3,8 @@
 SwiGLU, RoPE), in a CUDA graph: on a GPU with nvcc only. On any machine: when the kernel is offered (available,
 supports, gemv's candidates), and that the source compiles where there is an nvcc. The tolerance is test_gemv's:
 the output is rounded to bf16 after fp32 sums, each lane's 32 products summed in fp16
-(|y - ref| <= 2^-7 |ref| + 2^-9 max|ref|).
+(|y - ref| <= 2^-7 |ref| + 2^-9 max|ref|). Its decode attention (sm_90) against fp32 SDPA at every cluster size, through
+kv.decode_attention against the Triton kernels, and in a CUDA graph.
 """
 import shutil
 
@@ -144,3 +145,121 @@ def test_int4_gemv_in_a_cuda_graph():
     graph.replay()
     assert torch.equal(out, y)
     close(out, ref)
+
+
+# ---------------------------------------------------------------- decode attention (sm_90)
+
+def test_attention_is_opt_in_and_takes_its_shapes(monkeypatch):
+    import kv
+
+    monkeypatch.delenv("FLINT_CUDA_ATTENTION", raising=False)
+    assert not kv.cuda_attention_enabled() and not cuda_kernels.attention_available("cpu")
+    monkeypatch.setenv("FLINT_CUDA_ATTENTION", "1")
+    assert kv.cuda_attention_enabled()
+
+    def supports(H, Hkv, D, dtype=torch.bfloat16, pos_dtype=torch.int64):
+        qkv = torch.zeros(2, 1, H + 2 * Hkv, D, dtype=dtype)
+        cache = torch.zeros(2, Hkv, 64, D, dtype=dtype)
+        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]))
+        return cuda_kernels.attention_supports(q, k, v, cache, cache, torch.zeros(2, dtype=pos_dtype))
+
+    assert supports(32, 8, 128) and supports(9, 3, 64) and supports(16, 2, 64, pos_dtype=torch.int32)
+    assert not supports(32, 8, 128, dtype=torch.float32) and not supports(8, 8, 96) and not supports(32, 2, 128)
+
+
+ATTN_GPU = GPU and cuda_kernels.attention_available("cuda")
+attn_gpu = pytest.mark.skipif(not ATTN_GPU, reason="no GPU of compute capability 9.0 with nvcc")
+
+
+def attention_problem(B, H, Hkv, D, S, seed):
+    g = torch.Generator().manual_seed(seed)
+    bf16 = dict(dtype=torch.bfloat16)
+    k_cache = torch.randn(B + 1, Hkv, S, D, generator=g).to(**bf16)  # the cache may hold more rows than the step
+    v_cache = torch.randn(B + 1, Hkv, S, D, generator=g).to(**bf16)
+    qkv = (torch.randn(B, 1, H + 2 * Hkv, D, generator=g) * 2).to(**bf16)  # strided views, as the model passes them
+    return k_cache.cuda(), v_cache.cuda(), qkv.cuda()
+
+
+def attention_reference(q, k_new, v_new, k_cache, v_cache, pos, window):
+    # fp32 SDPA over the cache with the step's key and value stored at pos
+    B, H, _, D = q.shape
+    k, v = k_cache[:B].float().clone(), v_cache[:B].float().clone()
+    rows = torch.arange(B, device=q.device)
+    k[rows, :, pos] = k_new[:, :, 0].float()
+    v[rows, :, pos] = v_new[:, :, 0].float()
+    slots = torch.arange(k.shape[2], device=q.device)
+    seen = slots[None, :] <= pos[:, None]
+    if window:
+        seen &= slots[None, :] > pos[:, None] - window
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=seen[:, None, None, :],
+                                                            enable_gqa=True)
+
+
+def attention_bound(want):
+    return 2 ** -8 * want.abs() + 1e-3  # fp32 math, the output rounded to bf16 (2^-9 relative)
+
+
+@attn_gpu
+@pytest.mark.parametrize("H,Hkv,D", [(32, 8, 128), (9, 3, 64), (8, 8, 128), (56, 8, 128), (16, 2, 64)])
+@pytest.mark.parametrize("window", [0, 50])
+def test_decode_attention_matches_sdpa(H, Hkv, D, window):
+    # every cluster size: one block a (row, kv head) walks all slots; 16 split them finely
+    B, S = 3, 1000
+    k_cache, v_cache, qkv = attention_problem(B, H, Hkv, D, S, H * 7 + D + window)
+    q = qkv[:, :, :H].transpose(1, 2)
+    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+    for positions in ([0, 383, 999], [64, 5, 700], [128, 129, 1]):
+        pos = torch.tensor([[p, -1] for p in positions], device="cuda")[:, 0]  # int64, strided
+        want = attention_reference(q, k_new, v_new, k_cache, v_cache, pos, window)
+        for cluster in (1, 2, 4, 8, 16):
+            kc, vc = k_cache.clone(), v_cache.clone()
+            out = torch.empty(B, H, 1, D, dtype=torch.bfloat16, device="cuda")
+            assert cuda_kernels.attention_supports(q, k_new, v_new, kc, vc, pos)
+            cuda_kernels.decode_attention(q, k_new, v_new, kc, vc, pos, window, out, pdl=True, cluster=cluster)
+            excess = ((out.float() - want).abs() - attention_bound(want)).max().item()
+            assert excess <= 0, (positions, cluster, excess)
+            rows = torch.arange(B, device="cuda")
+            k_want, v_want = k_cache.clone(), v_cache.clone()
+            k_want[rows, :, pos] = k_new[:, :, 0]
+            v_want[rows, :, pos] = v_new[:, :, 0]
+            assert torch.equal(kc, k_want) and torch.equal(vc, v_want)  # stored, nothing else touched
+
+
+@attn_gpu
+def test_kv_decode_attention_uses_it_and_agrees_with_the_triton_kernels(monkeypatch):
+    import kv
+
+    B, H, Hkv, D, S = 2, 32, 8, 128, 385
+    k_cache, v_cache, qkv = attention_problem(B, H, Hkv, D, S, 5)
+    q = qkv[:, :, :H].transpose(1, 2)
+    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+    pos = torch.tensor([200, 384], device="cuda", dtype=torch.int32)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLINT_CUDA_ATTENTION", flag)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs.append((kv.decode_attention(q, k_new, v_new, kc, vc, pos, 0), kc, vc))
+    (a, ka, va), (b, kb, vb) = outs
+    # the Triton kernels' products are TF32 and their probabilities bf16: a looser bound
+    assert (a.float() - b.float()).abs().max() < 3e-2 and torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@attn_gpu
+def test_decode_attention_in_a_cuda_graph():
+    B, H, Hkv, D, S = 1, 32, 8, 128, 385
+    k_cache, v_cache, qkv = attention_problem(B, H, Hkv, D, S, 6)
+    q = qkv[:, :, :H].transpose(1, 2)
+    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+    pos = torch.tensor([10], device="cuda")
+    out = torch.empty(B, H, 1, D, dtype=torch.bfloat16, device="cuda")
+    kc, vc = k_cache.clone(), v_cache.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_kernels.decode_attention(q, k_new, v_new, kc, vc, pos, 0, out, pdl=True)
+    for p in (10, 300, 384):  # the position moves between replays, as decode steps move it
+        pos.fill_(p)
+        kc.copy_(k_cache)
+        vc.copy_(v_cache)
+        graph.replay()
+        want = attention_reference(q, k_new, v_new, k_cache, v_cache, pos, 0)
+        assert ((out.float() - want).abs() - attention_bound(want)).max() <= 0, p
