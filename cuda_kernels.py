@@ -856,6 +856,10 @@ def _library(device_index: int):
     return lib
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def available(device) -> bool:
     """Whether int4_gemv runs on this device: a CUDA GPU of compute capability >= 8.0, nvcc (built at the first
     call, which takes ~30 s; a failure is kept, see build_error()), FLINT_CUDA_KERNELS not 0."""
@@ -863,7 +867,7 @@ def available(device) -> bool:
     device = torch.device(device)
     if os.environ.get("FLINT_CUDA_KERNELS", "1") == "0" or device.type != "cuda" or _error is not None:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if torch.cuda.get_device_capability(index) < (8, 0):
         return False
     try:
@@ -900,7 +904,7 @@ def int4_gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, y: torch.
     norm_w, eps = norm if norm is not None else (None, 0.0)
     cos, sin, rope_rows = rope if rope is not None else (None, None, 0)
     rope_d = 0 if cos is None else cos.shape[-1]
-    lib = _library(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+    lib = _library(_device_index(x2.device))
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     err = lib.flint_int4_gemv(x2.data_ptr(), words.data_ptr(), sz.data_ptr(), y.data_ptr(), N, K, group_size,
                               _ptr(norm_w), float(eps), _ptr(residual), int(glu), _ptr(cos), _ptr(sin), rope_d,
@@ -921,8 +925,7 @@ def attention_available(device) -> bool:
     device = torch.device(device)
     if not available(device):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return torch.cuda.get_device_capability(_device_index(device)) >= (9, 0)
 
 
 def attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -943,17 +946,18 @@ def _max_cluster(device_index: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor, window: int, out: torch.Tensor, pdl: bool, cluster: Optional[int] = None) -> None:
+                     pos: torch.Tensor, window: int, out: torch.Tensor, pdl: bool,
+                     cluster: Optional[int] = None) -> None:
     """kv.decode_attention's work in one kernel: out [B, H, 1, D] = softmax(q k^T / sqrt(D)) v over the cache's
     slots lo..pos[b] of each row b, storing k, v [B, Hkv, 1, D] at slot pos[b] first. Shapes as attention_supports
     takes them; out contiguous. cluster: blocks a (row, kv head), a power of two up to 16 (tests; default: enough
     to fill the GPU)."""
     B, H, _, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = _device_index(q.device)
     if cluster is None:  # enough blocks to fill the GPU (one an SM at batch 1), no more than the slots need
         sms = torch.cuda.get_device_properties(index).multi_processor_count
-        slots_a_block = 4 * 32 // (D // 8)
+        slots_a_block = 4 * 32 // (D // 8)  # the kernel's SPC: 4 warps of 32 / (D / 8) slots
         cluster = 1
         while cluster < _max_cluster(index) and cluster * B * Hkv < sms and cluster * slots_a_block < S:
             cluster *= 2

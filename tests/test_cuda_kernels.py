@@ -149,6 +149,12 @@ def test_int4_gemv_in_a_cuda_graph():
 
 # ---------------------------------------------------------------- decode attention (sm_90)
 
+def split_qkv(qkv, H, Hkv):
+    # [B, 1, H + 2 Hkv, D] -> q [B, H, 1, D], k, v [B, Hkv, 1, D]: strided views, as the model passes them
+    return (qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:H + Hkv].transpose(1, 2),
+            qkv[:, :, H + Hkv:].transpose(1, 2))
+
+
 def test_attention_is_opt_in_and_takes_its_shapes(monkeypatch):
     import kv
 
@@ -158,9 +164,8 @@ def test_attention_is_opt_in_and_takes_its_shapes(monkeypatch):
     assert kv.cuda_attention_enabled()
 
     def supports(H, Hkv, D, dtype=torch.bfloat16, pos_dtype=torch.int64):
-        qkv = torch.zeros(2, 1, H + 2 * Hkv, D, dtype=dtype)
+        q, k, v = split_qkv(torch.zeros(2, 1, H + 2 * Hkv, D, dtype=dtype), H, Hkv)
         cache = torch.zeros(2, Hkv, 64, D, dtype=dtype)
-        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]))
         return cuda_kernels.attention_supports(q, k, v, cache, cache, torch.zeros(2, dtype=pos_dtype))
 
     assert supports(32, 8, 128) and supports(9, 3, 64) and supports(16, 2, 64, pos_dtype=torch.int32)
@@ -176,8 +181,8 @@ def attention_problem(B, H, Hkv, D, S, seed):
     bf16 = dict(dtype=torch.bfloat16)
     k_cache = torch.randn(B + 1, Hkv, S, D, generator=g).to(**bf16)  # the cache may hold more rows than the step
     v_cache = torch.randn(B + 1, Hkv, S, D, generator=g).to(**bf16)
-    qkv = (torch.randn(B, 1, H + 2 * Hkv, D, generator=g) * 2).to(**bf16)  # strided views, as the model passes them
-    return k_cache.cuda(), v_cache.cuda(), qkv.cuda()
+    qkv = (torch.randn(B, 1, H + 2 * Hkv, D, generator=g) * 2).to(**bf16)
+    return (k_cache.cuda(), v_cache.cuda(), *split_qkv(qkv.cuda(), H, Hkv))
 
 
 def attention_reference(q, k_new, v_new, k_cache, v_cache, pos, window):
@@ -205,9 +210,7 @@ def attention_bound(want):
 def test_decode_attention_matches_sdpa(H, Hkv, D, window):
     # every cluster size: one block a (row, kv head) walks all slots; 16 split them finely
     B, S = 3, 1000
-    k_cache, v_cache, qkv = attention_problem(B, H, Hkv, D, S, H * 7 + D + window)
-    q = qkv[:, :, :H].transpose(1, 2)
-    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+    k_cache, v_cache, q, k_new, v_new = attention_problem(B, H, Hkv, D, S, H * 7 + D + window)
     for positions in ([0, 383, 999], [64, 5, 700], [128, 129, 1]):
         pos = torch.tensor([[p, -1] for p in positions], device="cuda")[:, 0]  # int64, strided
         want = attention_reference(q, k_new, v_new, k_cache, v_cache, pos, window)
@@ -230,9 +233,7 @@ def test_kv_decode_attention_uses_it_and_agrees_with_the_triton_kernels(monkeypa
     import kv
 
     B, H, Hkv, D, S = 2, 32, 8, 128, 385
-    k_cache, v_cache, qkv = attention_problem(B, H, Hkv, D, S, 5)
-    q = qkv[:, :, :H].transpose(1, 2)
-    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+    k_cache, v_cache, q, k_new, v_new = attention_problem(B, H, Hkv, D, S, 5)
     pos = torch.tensor([200, 384], device="cuda", dtype=torch.int32)
     outs = []
     for flag in ("1", "0"):
@@ -247,9 +248,7 @@ def test_kv_decode_attention_uses_it_and_agrees_with_the_triton_kernels(monkeypa
 @attn_gpu
 def test_decode_attention_in_a_cuda_graph():
     B, H, Hkv, D, S = 1, 32, 8, 128, 385
-    k_cache, v_cache, qkv = attention_problem(B, H, Hkv, D, S, 6)
-    q = qkv[:, :, :H].transpose(1, 2)
-    k_new, v_new = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+    k_cache, v_cache, q, k_new, v_new = attention_problem(B, H, Hkv, D, S, 6)
     pos = torch.tensor([10], device="cuda")
     out = torch.empty(B, H, 1, D, dtype=torch.bfloat16, device="cuda")
     kc, vc = k_cache.clone(), v_cache.clone()
