@@ -42,10 +42,11 @@ class LayerKV:
 
     def attend(self, q, k, v, input_pos, meta):
         # q [B, H, T, D]; k, v [B, Hkv, T, D] are written at input_pos [B, T] of each row
-        if meta is not None and isinstance(meta[0], str):  # ("kernel" | "cpu_kernel", pos, window): one token a row
+        if meta is not None and isinstance(meta[0], str):  # ("kernel" | "cuda_kernel" | "cpu_kernel", pos, window)
             window = meta[2] if self.windowed else 0
-            op = torch.ops.flint.decode_attention if meta[0] == "kernel" else torch.ops.flint.cpu_decode_attention
-            return op(q, k, v, self.k, self.v, meta[1], window)  # stores k, v too
+            if meta[0] == "cpu_kernel":
+                return torch.ops.flint.cpu_decode_attention(q, k, v, self.k, self.v, meta[1], window)  # stores k, v too
+            return torch.ops.flint.decode_attention(q, k, v, self.k, self.v, meta[1], window, meta[0] == "cuda_kernel")
         B = q.shape[0]
         rows = torch.arange(B, device=q.device)[:, None]  # [B, 1] broadcasts against input_pos [B, T]
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # the indexed view is [B, T, Hkv, D]
@@ -60,7 +61,8 @@ class LayerKV:
 
 
 class StaticKVCache:
-    def __init__(self, args, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32):
+    def __init__(self, args, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32,
+                 cuda_attention: bool = False):
         shape = (batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
         self.layers = [LayerKV(torch.zeros(shape, device=device, dtype=dtype),
                                torch.zeros(shape, device=device, dtype=dtype), args.uses_window(i))
@@ -70,6 +72,8 @@ class StaticKVCache:
         # Attend over the first kv_len slots only. Eager decoding sets it to the longest row rounded
         # up (less to read); compiled decoding leaves it at max_seq_len so shapes never change.
         self.kv_len = max_seq_len
+        # decode steps take cuda_kernels.decode_attention instead of the Triton kernels (see use_cuda_attention)
+        self.cuda_attention = cuda_attention
 
     def attend_upto(self, n: int):
         """Attend over the first n slots, rounded up to a multiple of 64 so the shape changes rarely."""
@@ -84,8 +88,9 @@ class StaticKVCache:
         the new tokens with a causal mask, which SDPA's flash kernel does without materialising one."""
         if fresh and (self.window is None or input_pos.shape[1] <= self.window):
             return None
-        if input_pos.shape[1] == 1 and decode_kernel_available(self.layers[0].k):
-            return "kernel", input_pos[:, 0], self.window or 0  # no masks: the kernel reads positions
+        if input_pos.shape[1] == 1 and decode_kernel_available(self.layers[0].k):  # no masks: the kernels read positions
+            kernel = "cuda_kernel" if use_cuda_attention(self.cuda_attention) else "kernel"
+            return kernel, input_pos[:, 0], self.window or 0
         if input_pos.shape[1] == 1 and cpu_decode_available(self.layers[0].k):
             return "cpu_kernel", input_pos[:, 0], self.window or 0
         # input_pos [B, T] -> additive masks [B, 1, T, kv_len] (0 or -inf): causal, and causal within
@@ -116,17 +121,22 @@ class StaticKVCache:
 # against 251.2 tok/s (int4 448 against 469): the merge kernel, launched early through PDL, costs less than
 # the last program's round trips after the counter.
 # cuda_kernels.decode_attention does it all in one kernel on sm_90 (a thread block cluster a (row, kv head), the
-# pieces merged through distributed shared memory). Opt-in with FLINT_CUDA_ATTENTION=1: on the H200 at batch 1 it
-# made llama-3-8b int4 decode faster (638.1 against 627.6 tok/s) and bf16 slower (254.3 against 256.1), one run
-# each; batch 8 is not measured with it.
+# pieces merged through distributed shared memory). Alone it is no faster than split + merge (4.3 against 4.1 us
+# a layer at 385 slots); after cuda_kernels' int4 GEMV, which lets it start early, it is (9.7 against 10.7 us
+# with that GEMV). So a cache takes it where it was asked to (StaticKVCache(cuda_attention=True): the Engine
+# asks for int4 models), see use_cuda_attention.
 
 DECODE_SPLIT = 64  # key slots per program
 
 
-def cuda_attention_enabled() -> bool:
-    """FLINT_CUDA_ATTENTION=1: decode steps on a GPU of compute capability 9.0 use cuda_kernels.decode_attention
-    where it takes the shapes (bf16, head dim 64 or 128, at most 8 query heads a kv head), else the Triton kernels."""
-    return os.environ.get("FLINT_CUDA_ATTENTION", "0") == "1"
+def use_cuda_attention(asked: bool = False) -> bool:
+    """Whether decode steps over a static cache on a GPU of compute capability 9.0 use cuda_kernels.decode_attention
+    where it takes the shapes (bf16, head dim 64 or 128, at most 8 query heads a kv head) instead of the Triton
+    kernels: where the cache asks (asked), unless FLINT_CUDA_ATTENTION says 1 (always) or 0 (never).
+    H200, llama-3-8b, batch 1, three pairs each: int4 g128 decode +1.7% with it (631.3-638.1 against 620.7-627.6
+    tok/s), bf16 -0.1 to -0.9% (so a bf16 model keeps the Triton kernels); bf16 batch 8 the same either way."""
+    forced = os.environ.get("FLINT_CUDA_ATTENTION")
+    return forced == "1" if forced in ("0", "1") else asked
 
 
 DECODE_KERNEL_ON_CPU = False  # tests: run the kernels through Triton's interpreter on CPU tensors
@@ -233,11 +243,12 @@ def _decode_kernels():
 
 @torch.library.custom_op("flint::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor, window: int) -> torch.Tensor:
+                     pos: torch.Tensor, window: int, cuda: bool = False) -> torch.Tensor:
     """One decode step's attention over a static cache, storing the step's keys and values on the way:
     q [B, H, 1, D]; k, v [B, Hkv, 1, D] (this step's, stored at slot pos[b] of row b); k_cache, v_cache
     [Bc >= B, Hkv, S, D]; pos [B] -> [B, H, 1, D]: softmax(q k^T / sqrt(D)) v over slots lo..pos[b]
-    (lo = pos - window + 1 with a window > 0, else 0). D a power of two."""
+    (lo = pos - window + 1 with a window > 0, else 0). D a power of two. cuda: through cuda_kernels.decode_attention
+    (one kernel) where it takes the shapes, else the Triton split and merge kernels."""
     B, H, _, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
@@ -250,7 +261,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     pdl = (q.is_cuda and os.environ.get("FLINT_ATTN_PDL", "1") != "0"
            and gemv.pdl_supported(q.device.index if q.device.index is not None else torch.cuda.current_device()))
-    if (q.is_cuda and cuda_attention_enabled() and cuda_kernels.attention_available(q.device)
+    if (q.is_cuda and cuda and cuda_kernels.attention_available(q.device)
             and cuda_kernels.attention_supports(q, k, v, k_cache, v_cache, pos)):
         cuda_kernels.decode_attention(q, k, v, k_cache, v_cache, pos, window, out, pdl)  # one kernel (sm_90)
         return out
@@ -271,7 +282,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 @decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, pos, window):
+def _(q, k, v, k_cache, v_cache, pos, window, cuda=False):
     return torch.empty_like(q)
 
 

@@ -27,7 +27,7 @@ import torch
 
 import gemv
 from kv import NoFreeBlocks, PagedKVCache, StaticKVCache
-from quantize import load_quantized, model_bytes, quantize_model, quantized_from_gguf
+from quantize import Int4Linear, load_quantized, model_bytes, quantize_model, quantized_from_gguf
 from sampling import SamplingParams, find_stop, make_generator, sample, sample_each, stop_holdback
 from tokenizer import StreamDecoder, load_tokenizer
 from weights import default_model_path, load_model, read_json
@@ -212,6 +212,9 @@ class Engine:
         self.device, self.dtype = device, dtype
         self.max_seq_len = min(max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         self.cache: StaticKVCache | None = None
+        # int4 decode steps attend through cuda_kernels' one-kernel attention (sm_90; +1.7% on the H200), bf16
+        # ones through the Triton kernels (the other is 0.1-0.9% slower there): kv.use_cuda_attention
+        self.cuda_attention = any(isinstance(m, Int4Linear) for m in model.modules())
         self.metrics = Metrics()
         self.compiled = compile
         self._graph: GraphedForward | None = None  # decode steps over self.cache (CUDA graphs if compiled)
@@ -296,7 +299,8 @@ class Engine:
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_seq_len < seq_len:
             self.cache = None  # free the old one first
-            c = self.cache = StaticKVCache(self.args, batch_size, seq_len, self.device, self.dtype)
+            c = self.cache = StaticKVCache(self.args, batch_size, seq_len, self.device, self.dtype,
+                                           cuda_attention=self.cuda_attention)
         return c
 
     # ------------------------------------------------------------ continuous batching

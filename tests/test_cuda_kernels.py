@@ -155,13 +155,38 @@ def split_qkv(qkv, H, Hkv):
             qkv[:, :, H + Hkv:].transpose(1, 2))
 
 
-def test_attention_is_opt_in_and_takes_its_shapes(monkeypatch):
+def test_attention_where_a_cache_asks_for_it_and_the_shapes_it_takes(monkeypatch):
     import kv
+    from model import ModelArgs
 
     monkeypatch.delenv("FLINT_CUDA_ATTENTION", raising=False)
-    assert not kv.cuda_attention_enabled() and not cuda_kernels.attention_available("cpu")
-    monkeypatch.setenv("FLINT_CUDA_ATTENTION", "1")
-    assert kv.cuda_attention_enabled()
+    assert kv.use_cuda_attention(True) and not kv.use_cuda_attention(False)
+    assert not cuda_kernels.attention_available("cpu")
+    for flag, want in (("1", True), ("0", False)):  # the environment overrides what the cache asks
+        monkeypatch.setenv("FLINT_CUDA_ATTENTION", flag)
+        assert kv.use_cuda_attention(True) == want and kv.use_cuda_attention(False) == want
+    monkeypatch.delenv("FLINT_CUDA_ATTENTION")
+    # a decode step's meta names the kernel (here as if the cache were on a GPU)
+    monkeypatch.setattr(kv, "decode_kernel_available", lambda t: True)
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    pos = torch.tensor([[5]])
+    assert kv.StaticKVCache(args, 1, 32, cuda_attention=True).prepare(pos)[0] == "cuda_kernel"
+    assert kv.StaticKVCache(args, 1, 32).prepare(pos)[0] == "kernel"
+
+
+def test_the_engine_asks_for_it_for_int4_models():
+    from model import ModelArgs, Transformer
+    from quantize import quantize_model
+    from scheduler import Engine
+
+    args = ModelArgs(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+    torch.manual_seed(0)
+    for mode, want in ((None, False), ("int8", False), ("int4", True)):
+        model = Transformer(args)
+        if mode:
+            quantize_model(model, mode, 32 if mode == "int4" else None)
+        engine = Engine(model, None, "cpu", torch.float32)
+        assert engine.cuda_attention == want and engine._cache_for(1, 16).cuda_attention == want
 
     def supports(H, Hkv, D, dtype=torch.bfloat16, pos_dtype=torch.int64):
         q, k, v = split_qkv(torch.zeros(2, 1, H + 2 * Hkv, D, dtype=dtype), H, Hkv)
@@ -229,17 +254,16 @@ def test_decode_attention_matches_sdpa(H, Hkv, D, window):
 
 
 @attn_gpu
-def test_kv_decode_attention_uses_it_and_agrees_with_the_triton_kernels(monkeypatch):
+def test_kv_decode_attention_uses_it_and_agrees_with_the_triton_kernels():
     import kv
 
     B, H, Hkv, D, S = 2, 32, 8, 128, 385
     k_cache, v_cache, q, k_new, v_new = attention_problem(B, H, Hkv, D, S, 5)
     pos = torch.tensor([200, 384], device="cuda", dtype=torch.int32)
     outs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FLINT_CUDA_ATTENTION", flag)
+    for cuda in (True, False):
         kc, vc = k_cache.clone(), v_cache.clone()
-        outs.append((kv.decode_attention(q, k_new, v_new, kc, vc, pos, 0), kc, vc))
+        outs.append((kv.decode_attention(q, k_new, v_new, kc, vc, pos, 0, cuda), kc, vc))
     (a, ka, va), (b, kb, vb) = outs
     # the Triton kernels' products are TF32 and their probabilities bf16: a looser bound
     assert (a.float() - b.float()).abs().max() < 3e-2 and torch.equal(ka, kb) and torch.equal(va, vb)
