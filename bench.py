@@ -120,6 +120,8 @@ def reference_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, 
 
 
 def bench_decode(opts) -> dict:
+    if opts.quant_head and opts.quant not in ("int8", "int4"):
+        raise ValueError("--quant-head goes with --quant int8 or int4")
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     compile = opts.compile if opts.compile is not None else device.type == "cuda"
@@ -127,14 +129,17 @@ def bench_decode(opts) -> dict:
     t_start = time.perf_counter()
     if opts.model or opts.preset is None:
         engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile,
-                             max_seq_len=max_seq_len, progress=False, quant=opts.quant, group_size=opts.group_size)
+                             max_seq_len=max_seq_len, progress=False, quant=opts.quant, group_size=opts.group_size,
+                             quant_head=opts.quant_head or "int8")
         name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
     else:
         model = random_model(PRESETS[opts.preset], device, dtype)
         if opts.quant:
-            quantize_model(model, opts.quant, opts.group_size)
+            quantize_model(model, opts.quant, opts.group_size, head=opts.quant_head or "int8")
         engine = Engine(model, None, device, dtype, compile=compile, max_seq_len=max_seq_len)
         name = f"{opts.preset} (random weights{', ' + opts.quant if opts.quant else ''})"
+    if opts.quant in ("int8", "int4") and opts.quant_head not in (None, "int8"):
+        name += f" lm_head {opts.quant_head}"
     load_s = time.perf_counter() - t_start
 
     g = torch.Generator().manual_seed(0)
@@ -802,6 +807,8 @@ def main(argv=None):
     d.add_argument("--no-ref", action="store_true", help="skip the transformers reference")
     d.add_argument("--quant", choices=["int8", "int4", "gguf"], default=None, help="weight-only quantization")
     d.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128), help="int4 group size")
+    d.add_argument("--quant-head", default=None, choices=["int8", "int4", "none"],
+                   help="lm_head with --quant int8/int4: int8 (default), int4 (every linear int4, as gpt-fast) or none")
     d.add_argument("--profile", type=at_least(1), default=0, metavar="TOP",
                    help="also profile decode (torch.profiler) and report the TOP kernels' time per step")
     d.add_argument("--json", action="store_true")

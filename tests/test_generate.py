@@ -70,6 +70,7 @@ def test_memory_report_and_profile(capsys, tmp_path, smollm2_path):
     (["--device", "mps"], "unknown --device 'mps'"),  # torch knows it, flint does not run there
     (["--max-seq-len", "0"], "--max-seq-len 0: must be a positive integer"),
     (["--prompt-lookup", "--speculate-k", "0"], "speculate k=0 is invalid"),  # 0 silently meant the default
+    (["--quant-head", "int4"], "--quant-head goes with --quant int8 or int4"),
     (["--device", "cuda:7"], None),  # CUDA missing here; on a GPU machine, a missing device
 ])
 def test_bad_input_is_one_line_error(capsys, argv, message):
@@ -90,6 +91,13 @@ def test_unsupported_group_size_is_refused_before_loading(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--group-size: invalid choice: 48 (choose from 32, 64, 128)" in err
     assert "loading" not in err and "Traceback" not in err
+
+
+def test_unknown_head_quantization_is_refused_before_loading(capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--prompt", "hi", "--quant", "int4", "--quant-head", "int2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--quant-head: invalid choice: 'int2'" in err and "Traceback" not in err
 
 
 def test_prompt_longer_than_context_is_a_clear_error(capsys, smollm2_path):

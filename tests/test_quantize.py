@@ -141,6 +141,15 @@ def test_untied_head_none_keeps_float_head(tmp_path):
     assert torch.equal(loaded(tokens), model(tokens))
 
 
+def test_engine_load_quantizes_the_head_as_asked(smollm2_path):
+    from scheduler import Engine
+
+    eng = Engine.load(smollm2_path, device="cpu", dtype="float32", progress=False, quant="int4", group_size=64,
+                      quant_head="int4")  # --quant-head int4: every linear int4, as gpt-fast quantizes
+    assert isinstance(eng.model.lm_head, Q.Int4Linear) and eng.model.lm_head.group_size == 64
+    assert isinstance(eng.model.layers[0].mlp.down_proj, Q.Int4Linear)
+
+
 def test_engine_runs_quantized_model(engine):
     from sampling import SamplingParams
     from scheduler import Engine
