@@ -178,7 +178,8 @@ def bench_decode(opts) -> dict:
     if device.type == "cuda":  # what gemv's tuner picked in this process (picks vary run to run: timing noise)
         import gemv
         import kv
-        row["cuda_attention"] = kv.use_cuda_attention(engine.cuda_attention)  # the kernel decode steps asked for
+        # whether decode steps asked for cuda_kernels' attention (it runs where it takes the shapes)
+        row["cuda_attention"] = engine.cache is not None and kv.use_cuda_attention(engine.cache.cuda_attention)
         row["gemv_picks"] = {gemv.pick_name(key): "/".join(map(str, cfg))  # FLINT_GEMV_PICKS takes these back
                              for key, (cfg, _) in sorted(gemv.tuning_log().items(), key=str)
                              if key[1] == gemv.row_bucket(opts.batch_size)}

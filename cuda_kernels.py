@@ -1,10 +1,10 @@
 """CUDA C++ kernels for decode on NVIDIA GPUs: the int4 matrix-vector product at one row of x (batch-1 decode), and
-one-token attention over a static cache in one kernel (sm_90; int4 models take it).
+one-token attention over a static cache in one kernel (sm_90; int4 models take it at batch 1).
 
     cuda_kernels.int4_gemv(x2, words, sz, y, group_size, rows, unroll, warps, pdl, norm, residual, glu, rope)
     gemv.int4_linear(...)   # takes it as the "int4_cu" configs, timed against its Triton kernels per shape
     cuda_kernels.decode_attention(q, k, v, k_cache, v_cache, pos, window, out, pdl)
-    kv.decode_attention(..., cuda=True)  # takes it where it can (the Engine asks for int4 models), else Triton
+    kv.decode_attention(..., cuda=True)  # takes it where it can (the Engine asks for int4 at batch 1), else Triton
 
 Why: batch-1 decode reads every weight once a token, so a linear is a stream of int4 codes through the cores. The
 Triton kernels of gemv.py (int4_h2) reach ~0.5 of the H200's copy bandwidth on llama-3-8b's shapes, where a

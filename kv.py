@@ -124,7 +124,7 @@ class StaticKVCache:
 # pieces merged through distributed shared memory). Alone it is no faster than split + merge (4.3 against 4.1 us
 # a layer at 385 slots); after cuda_kernels' int4 GEMV, which lets it start early, it is (9.7 against 10.7 us
 # with that GEMV). So a cache takes it where it was asked to (StaticKVCache(cuda_attention=True): the Engine
-# asks for int4 models), see use_cuda_attention.
+# asks for int4 models at batch 1, where that GEMV runs), see use_cuda_attention.
 
 DECODE_SPLIT = 64  # key slots per program
 
@@ -133,8 +133,9 @@ def use_cuda_attention(asked: bool = False) -> bool:
     """Whether decode steps over a static cache on a GPU of compute capability 9.0 use cuda_kernels.decode_attention
     where it takes the shapes (bf16, head dim 64 or 128, at most 8 query heads a kv head) instead of the Triton
     kernels: where the cache asks (asked), unless FLINT_CUDA_ATTENTION says 1 (always) or 0 (never).
-    H200, llama-3-8b, batch 1, three pairs each: int4 g128 decode +1.7% with it (631.3-638.1 against 620.7-627.6
-    tok/s), bf16 -0.1 to -0.9% (so a bf16 model keeps the Triton kernels); bf16 batch 8 the same either way."""
+    H200, llama-3-8b: int4 g128 decode at batch 1 +1.7% with it (631.3-638.1 against 620.7-627.6 tok/s, three
+    pairs); bf16 -0.1 to -0.9% (four pairs), int8 -1.0%, int4 at batch 8 -1.1% (one pair each), bf16 at batch 8 the
+    same: so those keep the Triton kernels."""
     forced = os.environ.get("FLINT_CUDA_ATTENTION")
     return forced == "1" if forced in ("0", "1") else asked
 

@@ -212,9 +212,10 @@ class Engine:
         self.device, self.dtype = device, dtype
         self.max_seq_len = min(max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         self.cache: StaticKVCache | None = None
-        # int4 decode steps attend through cuda_kernels' one-kernel attention (sm_90; +1.7% on the H200), bf16
-        # ones through the Triton kernels (the other is 0.1-0.9% slower there): kv.use_cuda_attention
-        self.cuda_attention = any(isinstance(m, Int4Linear) for m in model.modules())
+        # an int4 model's batch-1 decode attends through cuda_kernels' one-kernel attention (sm_90), which starts
+        # early under cuda_kernels' int4 GEMV (+1.8% on the H200); the rest keeps the Triton kernels (the CUDA one
+        # measured 0.1-1.1% slower with bf16, int8, and int4 at batch 8): see kv.use_cuda_attention
+        self.int4 = any(isinstance(m, Int4Linear) for m in model.modules())
         self.metrics = Metrics()
         self.compiled = compile
         self._graph: GraphedForward | None = None  # decode steps over self.cache (CUDA graphs if compiled)
@@ -302,7 +303,7 @@ class Engine:
         if c is None or c.batch_size != batch_size or c.max_seq_len < seq_len:
             self.cache = None  # free the old one first
             c = self.cache = StaticKVCache(self.args, batch_size, seq_len, self.device, self.dtype,
-                                           cuda_attention=self.cuda_attention)
+                                           cuda_attention=self.int4 and batch_size == 1)
         return c
 
     # ------------------------------------------------------------ continuous batching
