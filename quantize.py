@@ -834,8 +834,9 @@ def perplexity(model: Transformer, tokens: torch.Tensor, window: int = 1024, n_t
 def quality_table(source=None, group_sizes=GROUP_SIZES, window: int = 1024, n_tokens: int = EVAL_TOKENS,
                   device="cpu", progress: bool = True) -> list[dict]:
     """Perplexity of the model (default: the embedded SmolLM2-135M-Instruct, dequantized to fp32) on the held-out
-    text for fp32, bf16, int8 and int4 RTN / GPTQ / AWQ at each group size. One dict per row: variant, group_size,
-    ppl, delta_vs_bf16_pct, weight_mb, seconds (to quantize), tokens. Group sizes that do not divide a layer's
+    text for fp32, bf16, int8 and int4 RTN / GPTQ / AWQ at each group size, and RTN with lm_head int4 too
+    ("int4+head"; the others keep it int8). One dict per row: variant, group_size, ppl, delta_vs_bf16_pct,
+    weight_mb, seconds (to quantize), tokens. Group sizes that do not divide a layer's
     width are run with zero padding (noted in the row). On CUDA the int4 rows use gemv.py (tinygemm without
     Triton) instead of the CPU kernel: same weights, same bf16 activations, different summation order."""
     import weights
@@ -871,6 +872,9 @@ def quality_table(source=None, group_sizes=GROUP_SIZES, window: int = 1024, n_to
         note = f"in_features padded to a multiple of {g}" if pad else ""
         for mode in ("int4", "int4-gptq", "int4-awq"):
             run(mode, lambda: quantize_model(copy.deepcopy(base), mode, g, calib, pad=pad), g, note)
+        # lm_head in int4 too (--quant-head int4, as gpt-fast quantizes): what the int8 head saves
+        run("int4+head", lambda: quantize_model(copy.deepcopy(base), "int4", g, head="int4", pad=pad), g,
+            "; ".join(filter(None, (note, "lm_head int4 too"))))
     bf16 = next(r["ppl"] for r in rows if r["variant"] == "bf16")
     for r in rows:
         r["delta_vs_bf16_pct"] = round(100 * (r["ppl"] / bf16 - 1), 2)
