@@ -173,6 +173,14 @@ def test_attention_where_a_cache_asks_for_it_and_the_shapes_it_takes(monkeypatch
     assert kv.StaticKVCache(args, 1, 32, cuda_attention=True).prepare(pos)[0] == "cuda_kernel"
     assert kv.StaticKVCache(args, 1, 32).prepare(pos)[0] == "kernel"
 
+    def supports(H, Hkv, D, dtype=torch.bfloat16, pos_dtype=torch.int64):
+        q, k, v = split_qkv(torch.zeros(2, 1, H + 2 * Hkv, D, dtype=dtype), H, Hkv)
+        cache = torch.zeros(2, Hkv, 64, D, dtype=dtype)
+        return cuda_kernels.attention_supports(q, k, v, cache, cache, torch.zeros(2, dtype=pos_dtype))
+
+    assert supports(32, 8, 128) and supports(9, 3, 64) and supports(16, 2, 64, pos_dtype=torch.int32)
+    assert not supports(32, 8, 128, dtype=torch.float32) and not supports(8, 8, 96) and not supports(32, 2, 128)
+
 
 def test_the_engine_asks_for_it_for_int4_models_at_batch_1():
     from model import ModelArgs, Transformer
@@ -187,14 +195,6 @@ def test_the_engine_asks_for_it_for_int4_models_at_batch_1():
             quantize_model(model, mode, 32 if mode == "int4" else None)
         engine = Engine(model, None, "cpu", torch.float32)
         assert engine._cache_for(1, 16).cuda_attention == want and not engine._cache_for(8, 16).cuda_attention
-
-    def supports(H, Hkv, D, dtype=torch.bfloat16, pos_dtype=torch.int64):
-        q, k, v = split_qkv(torch.zeros(2, 1, H + 2 * Hkv, D, dtype=dtype), H, Hkv)
-        cache = torch.zeros(2, Hkv, 64, D, dtype=dtype)
-        return cuda_kernels.attention_supports(q, k, v, cache, cache, torch.zeros(2, dtype=pos_dtype))
-
-    assert supports(32, 8, 128) and supports(9, 3, 64) and supports(16, 2, 64, pos_dtype=torch.int32)
-    assert not supports(32, 8, 128, dtype=torch.float32) and not supports(8, 8, 96) and not supports(32, 2, 128)
 
 
 ATTN_GPU = GPU and cuda_kernels.attention_available("cuda")
