@@ -120,7 +120,7 @@ def reference_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, 
 
 
 def bench_decode(opts) -> dict:
-    if opts.quant_head and opts.quant not in ("int8", "int4"):
+    if opts.quant_head and opts.quant not in ("int8", "int4"):  # Engine.load checks it too; a preset skips that
         raise ValueError("--quant-head goes with --quant int8 or int4")
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
@@ -130,7 +130,7 @@ def bench_decode(opts) -> dict:
     if opts.model or opts.preset is None:
         engine = Engine.load(opts.model, device=str(device), dtype=dtype, compile=compile,
                              max_seq_len=max_seq_len, progress=False, quant=opts.quant, group_size=opts.group_size,
-                             quant_head=opts.quant_head or "int8")
+                             quant_head=opts.quant_head)
         name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
     else:
         model = random_model(PRESETS[opts.preset], device, dtype)

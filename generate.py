@@ -141,13 +141,11 @@ def run(args):
     prompts = None if args.interactive else read_prompts(args)
     if args.jsonl and args.interactive:
         raise ValueError("--jsonl and --interactive do not go together")
-    if args.quant_head and args.quant not in ("int8", "int4"):
-        raise ValueError("--quant-head goes with --quant int8 or int4")
 
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                          max_seq_len=args.max_seq_len, progress=not args.quiet, quant=args.quant,
-                         group_size=args.group_size, quant_head=args.quant_head or "int8", kv_tokens=args.kv_tokens,
+                         group_size=args.group_size, quant_head=args.quant_head, kv_tokens=args.kv_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                          max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
                          prefix_caching=not args.no_prefix_caching, overlap=not args.no_overlap)

@@ -243,16 +243,18 @@ class Engine:
 
     @classmethod
     def load(cls, source=None, device="auto", dtype="auto", compile=False, max_seq_len=None, progress=True,
-             quant=None, group_size=None, quant_head="int8", **paged_config):
+             quant=None, group_size=None, quant_head=None, **paged_config):
         """source: None (the embedded SmolLM2), a HF directory (a flint-quantized one too), a Hub repo id
         or a .gguf file. quant: None, "int8" or "int4" (quantize in memory at load, group_size for int4),
         or "gguf" (a GGUF's Q4_0/Q4_1/Q8_0 blocks straight into int4/int8 layers). quant_head: lm_head's
-        storage with quant int8/int4: int8 (default, the matrix most sensitive to rounding), int4 (every linear
-        int4, as gpt-fast quantizes) or none (kept in float)."""
+        storage with quant int8/int4: int8 (None: the default, the matrix most sensitive to rounding), int4 (every
+        linear int4, as gpt-fast quantizes) or none (kept in float)."""
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         if quant not in (None, "int8", "int4", "gguf"):
             raise ValueError(f"unknown --quant '{quant}' (choose from int8, int4, gguf; GPTQ/AWQ: quantize.py)")
+        if quant_head is not None and quant not in ("int8", "int4"):
+            raise ValueError("--quant-head goes with --quant int8 or int4")
         if quant == "gguf":
             model, args, info = quantized_from_gguf(source or default_model_path(), device, dtype, progress)
         elif source is not None and is_quantized_dir(source):
@@ -261,7 +263,7 @@ class Engine:
         else:
             model, args, info = load_model(source, device=device, dtype=dtype, progress=progress)
             if quant is not None:
-                quantize_model(model, quant, group_size, head=quant_head)
+                quantize_model(model, quant, group_size, head=quant_head or "int8")
         tokenizer = load_tokenizer(info["metadata"] if info["kind"] == "gguf" else info["path"])
         return cls(model, tokenizer, device, dtype, compile=compile, max_seq_len=max_seq_len, **paged_config)
 

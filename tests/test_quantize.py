@@ -148,6 +148,8 @@ def test_engine_load_quantizes_the_head_as_asked(smollm2_path):
                       quant_head="int4")  # --quant-head int4: every linear int4, as gpt-fast quantizes
     assert isinstance(eng.model.lm_head, Q.Int4Linear) and eng.model.lm_head.group_size == 64
     assert isinstance(eng.model.layers[0].mlp.down_proj, Q.Int4Linear)
+    with pytest.raises(ValueError, match="--quant-head goes with --quant int8 or int4"):  # before loading anything
+        Engine.load(smollm2_path, device="cpu", progress=False, quant_head="int4")
 
 
 def test_engine_runs_quantized_model(engine):
