@@ -53,3 +53,20 @@ def test_decode_profile_reports_kernels_per_step(capsys):
     assert [r["kernel"] for r in rows[:2]] == ["(step, wall)", "(all kernels)"] and 1 <= len(rows) - 2 <= 3
     assert all(set(r) == {"kernel", "us_per_step", "calls_per_step", "share_of_step"} for r in rows)
     assert all(r["us_per_step"] > 0 for r in rows) and any("mm" in r["kernel"] for r in rows[2:])
+
+
+def test_decode_ablations_runs_bench_with_pieces_taken_out():
+    # benchmarks/decode_ablations.py (BENCHMARKS.md's step costs): an unknown variant is a usage error; known ones
+    # patch the step and hand the rest of the command line to bench.py (they run on CPU too, whatever they patch)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "decode_ablations.py")
+    bad = subprocess.run([sys.executable, script, "noattn,bogus", "decode"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown variant(s) ['bogus']" in bad.stderr
+    ok = subprocess.run([sys.executable, script, "noglu,nonorm,norope,noadd,s32w2", "decode", "--preset",
+                         "smollm2-135m", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "2", "--repeats",
+                         "1", "--no-ref", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["tok_per_s"] > 0
