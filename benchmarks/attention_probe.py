@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import gemv  # noqa: E402
 import kv  # noqa: E402
 
 dev, bf = "cuda", torch.bfloat16
@@ -82,23 +83,9 @@ def loop_attention(q, k, v, kc, vc, pos, block, warps, stages):
     return out
 
 
-def timed(step):
-    # us a layer: the graph of L layers' calls replayed 20 times
-    step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / 20 / L * 1000
+def per_layer_us(call) -> float:
+    # call(i) runs layer i's piece; all L layers back to back in one CUDA graph, as gemv's tuner times (best of 3)
+    return gemv.time_in_graph(call, L, L) * 1000
 
 
 def main():
@@ -111,7 +98,7 @@ def main():
         qkv = torch.randn(B, 1, H + 2 * Hkv, D, device=dev, dtype=bf)
         q = qkv[:, :, :H].transpose(1, 2)
         k, v = qkv[:, :, H:H + Hkv].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
-        qkv_us = timed(lambda: [torch.nn.functional.linear(x, w) for w in Wq])
+        qkv_us = per_layer_us(lambda i: torch.nn.functional.linear(x, Wq[i]))
         print(json.dumps({"batch": B, "kernel": "qkv cuBLAS", "us_a_layer": round(qkv_us, 2)}), flush=True)
         for p in (255, 383):
             pos = torch.full((B,), p, device=dev, dtype=torch.long)
@@ -133,9 +120,9 @@ def main():
                         o = att(*caches[0]).float()
                         ref = o if ref is None else ref
                         row["max_err"] = (o - ref).abs().max().item()
-                        row["alone_us"] = round(timed(lambda: [att(kc, vc) for kc, vc in caches]), 2)
-                        row["after_qkv_us"] = round(timed(lambda: [(torch.nn.functional.linear(x, w), att(kc, vc))
-                                                                   for w, (kc, vc) in zip(Wq, caches)]), 2)
+                        row["alone_us"] = round(per_layer_us(lambda i: att(*caches[i])), 2)
+                        row["after_qkv_us"] = round(per_layer_us(
+                            lambda i: (torch.nn.functional.linear(x, Wq[i]), att(*caches[i]))), 2)
                     except Exception as e:  # a config that does not build or fit
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     print(json.dumps(row), flush=True)

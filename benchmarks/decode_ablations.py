@@ -17,6 +17,7 @@ VARIANTS, comma-separated (base: none):
 """
 import functools
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,9 +33,12 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+TILE = re.compile(r"s(\d+)w(\d+)")  # sNwW: N key slots, W warps a program
+
+
 def apply(variants: set[str]):
     unknown = {v for v in variants if v not in ("base", "noattn", "nomerge", "norope", "noglu", "nonorm", "noadd")
-               and not (v[:1] == "s" and "w" in v and v[1:].replace("w", "").isdigit())}
+               and not TILE.fullmatch(v)}
     if unknown:
         print(f"decode_ablations: unknown variant(s) {sorted(unknown)}; see --help", file=sys.stderr)
         sys.exit(2)
@@ -47,8 +51,8 @@ def apply(variants: set[str]):
             return (_NoLaunch() if "noattn" in variants else split), _NoLaunch()
         kv._decode_kernels = without
     for v in variants:
-        if v[:1] == "s" and "w" in v and v[1:2].isdigit():
-            kv.DECODE_SPLIT, kv.DECODE_WARPS = map(int, v[1:].split("w"))
+        if tile := TILE.fullmatch(v):
+            kv.DECODE_SPLIT, kv.DECODE_WARPS = map(int, tile.groups())
     if "norope" in variants:
         gemv.rope_heads = lambda y, cos, sin, rows: y
     if "noglu" in variants:

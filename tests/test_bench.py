@@ -65,6 +65,8 @@ def test_decode_ablations_runs_bench_with_pieces_taken_out():
     script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "decode_ablations.py")
     bad = subprocess.run([sys.executable, script, "noattn,bogus", "decode"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown variant(s) ['bogus']" in bad.stderr
+    bad = subprocess.run([sys.executable, script, "s32w2w3", "decode"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown variant(s) ['s32w2w3']" in bad.stderr  # no traceback from parsing it
     ok = subprocess.run([sys.executable, script, "noglu,nonorm,norope,noadd,s32w2", "decode", "--preset",
                          "smollm2-135m", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "2", "--repeats",
                          "1", "--no-ref", "--json"], capture_output=True, text=True)
