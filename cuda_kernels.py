@@ -512,6 +512,299 @@ extern "C" int flint_int4_gemv(const void *x, const void *w, const void *sz, voi
     return -1;
 }
 
+// ---------------------------------------------------------------- bf16 GEMV at 1..8 rows of x (tensor cores)
+// y [M, N] = x [M, K] @ W^T for M <= 8 with mma.sync.m16n8k16 (fp32 sums): A = 16 rows of W, B = x^T (its 8
+// columns the rows of x). The k slots of an mma are a permutation of 16 of W's columns, chosen so that a lane's
+// fragments are contiguous in memory: for a chunk of 32 columns lane (g, t) (g = lane / 4, t = lane % 4) loads
+// 16 bytes of W's rows g and g + 8 (columns 8t .. 8t + 7) and 16 bytes of x's row g (the same columns), which feed
+// two mmas (columns 8t .. 8t + 3, then 8t + 4 .. 8t + 7) as loaded: no shuffles, no conversions, no shared memory.
+// A block owns a unit of RT tiles of 16 rows of W; its warps split K (warp w takes steps w, w + warps, ..., a step
+// U chunks), each with the next step's loads in flight during this step's mmas, and sum in shared memory.
+// Fusions (model.linear's): RMSNorm of x (NORM: each block sums the squares of x's rows first, then normalizes a
+// fragment as it comes, rounded as model.RMSNorm rounds), the residual add, SwiGLU (glu: tiles 0..P-1 gate rows,
+// P..2P-1 their up rows, P = RT / 2) and RoPE (rope: tiles of the first and second halves of a head). x is read
+// through L1 (every block reads all of it; W bypasses L1). W's first step loads before griddepcontrol.wait.
+
+struct MmaArgs {
+    const uint16_t *x;          // bf16 [M, K], row stride ldx
+    const uint16_t *w;          // bf16 [N, K]
+    uint16_t *y;                // bf16 [M, N] or [M, N / 2] (glu), row stride ldy
+    const uint16_t *res;        // bf16 laid out as y, or null
+    const uint16_t *norm_w;     // bf16 [K] (NORM)
+    const uint16_t *cos, *sin;  // bf16 [M, rope_d] or null
+    int M, N, K, ldx, ldy;
+    float eps;
+    int glu, rope_d, rope_rows;
+};
+
+__device__ __forceinline__ uint4 load_x16(const uint16_t *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// model.RMSNorm's rounding of a pair: (x * rstd) to bf16, times the weight (bf16 x bf16, rounded once)
+__device__ __forceinline__ uint32_t norm_pair(uint32_t xw, uint32_t gw, float rstd) {
+    __nv_bfloat162 xn = __floats2bfloat162_rn(__uint_as_float(xw << 16) * rstd,
+                                              __uint_as_float(xw & 0xFFFF0000u) * rstd);
+    __nv_bfloat162 p = __hmul2(xn, *reinterpret_cast<__nv_bfloat162 *>(&gw));
+    return *reinterpret_cast<uint32_t *>(&p);
+}
+
+// the first row of W of tile r of unit u (see MmaArgs; rows past N are clamped by the loads, not stored)
+template <int RT>
+__device__ __forceinline__ int mma_tile_base(const MmaArgs &a, int u, int r) {
+    constexpr int P = RT >= 2 ? RT / 2 : 1;
+    if (a.glu) return (r < P ? 0 : a.N / 2) + (u * P + r % P) * 16;
+    if (a.rope_d) {
+        const int half = a.rope_d / 2, p0 = (u * P + r % P) * 16;  // the tile's first pair (half % 16 == 0)
+        return (p0 / half) * a.rope_d + p0 % half + (r < P ? 0 : half);
+    }
+    return (u * RT + r) * 16;
+}
+
+template <int RT, int U>
+__device__ __forceinline__ void mma_load_w(const uint16_t *const (&w0)[RT], const uint16_t *const (&w1)[RT],
+                                           int step, int chunks, uint4 (&wa)[U][RT], uint4 (&wb)[U][RT]) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = step * U + u;
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            wa[u][r] = c < chunks ? load_stream(reinterpret_cast<const uint8_t *>(w0[r] + c * 32)) : make_uint4(0, 0, 0, 0);
+            wb[u][r] = c < chunks ? load_stream(reinterpret_cast<const uint8_t *>(w1[r] + c * 32)) : make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+template <int U, bool NORM>
+__device__ __forceinline__ void mma_load_x(const uint16_t *xp, const uint16_t *gp, bool has_x, int step, int chunks,
+                                           uint4 (&xv)[U], uint4 (&gv)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = step * U + u;
+        const bool ok = has_x && c < chunks;
+        xv[u] = ok ? load_x16(xp + c * 32) : make_uint4(0, 0, 0, 0);
+        if (NORM) gv[u] = ok ? load_x16(gp + c * 32) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+template <int RT, int U, bool NORM>
+__device__ __forceinline__ void mma_step(const uint4 (&wa)[U][RT], const uint4 (&wb)[U][RT], const uint4 (&xv)[U],
+                                         const uint4 (&gv)[U], float rstd, float (&acc)[RT][2][4]) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        uint4 xb = xv[u];
+        if (NORM) {
+            xb.x = norm_pair(xb.x, gv[u].x, rstd);
+            xb.y = norm_pair(xb.y, gv[u].y, rstd);
+            xb.z = norm_pair(xb.z, gv[u].z, rstd);
+            xb.w = norm_pair(xb.w, gv[u].w, rstd);
+        }
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            mma_bf16(acc[r][0], wa[u][r].x, wb[u][r].x, wa[u][r].y, wb[u][r].y, xb.x, xb.y);
+            mma_bf16(acc[r][1], wa[u][r].z, wb[u][r].z, wa[u][r].w, wb[u][r].w, xb.z, xb.w);
+        }
+    }
+}
+
+// the block's sum for tile r, row m (0..15) of the tile, row n of x: the fragments' (m, n) is at lane
+// (m % 8) * 4 + n / 2, element (m / 8) * 2 + n % 2
+template <int RT>
+__device__ __forceinline__ float mma_sum(const float *red, int warps, int r, int m, int n) {
+    const int lane = (m & 7) * 4 + (n >> 1), i = (m >> 3) * 2 + (n & 1);
+    float s = 0.f;
+    for (int w = 0; w < warps; w++) s += red[((w * RT + r) * 4 + i) * 32 + lane];
+    return s;
+}
+
+template <int RT>
+__device__ __forceinline__ void mma_unit_pointers(const MmaArgs &a, int unit, int g, int t, const uint16_t *(&w0)[RT],
+                                                  const uint16_t *(&w1)[RT]) {
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+        const int base = mma_tile_base<RT>(a, unit, r);
+        w0[r] = a.w + (size_t)min(base + g, a.N - 1) * a.K + 8 * t;
+        w1[r] = a.w + (size_t)min(base + g + 8, a.N - 1) * a.K + 8 * t;
+    }
+}
+
+// persistent: block b takes units b, b + blocks, ...; during a unit's last step each warp loads the next unit's
+// first one, so that W streams on through the block's sum and epilogue (shared memory in two halves by parity:
+// one barrier a unit)
+template <int RT, int U, bool NORM>
+__global__ void __launch_bounds__(256) bf16_mma_kernel(const MmaArgs a, int n_units) {
+    extern __shared__ float red[];  // [2][warps][RT][4][32] partial sums
+    __shared__ float rstd_s[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int chunks = a.K >> 5, steps = (chunks + U - 1) / U;
+    const int red_half = warps * RT * 128;
+    const uint16_t *w0[RT], *w1[RT];
+    int unit = blockIdx.x;
+    mma_unit_pointers<RT>(a, unit, g, t, w0, w1);
+    const bool has_x = g < a.M;
+    const uint16_t *xp = a.x + (size_t)(has_x ? g : 0) * a.ldx + 8 * t;
+    const uint16_t *gp = NORM ? a.norm_w + 8 * t : nullptr;
+
+    uint4 wa[U][RT], wb[U][RT], xv[U], gv[U];
+    mma_load_w<RT, U>(w0, w1, warp, chunks, wa, wb);  // W is never written: before the previous kernel is done
+    wait_for_producer();
+    float rstd = 1.f;
+    if (NORM) {  // a warp a row of x: its sum of squares (once a block)
+        for (int n = warp; n < a.M; n += warps) {
+            const uint16_t *row = a.x + (size_t)n * a.ldx;
+            float ss = 0.f;
+#pragma unroll 4
+            for (int i = lane * 8; i < a.K; i += 256) ss += sum_squares(load_x16(row + i));
+#pragma unroll
+            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+            if (lane == 0) rstd_s[n] = 1.f / sqrtf(ss / a.K + a.eps);
+        }
+        __syncthreads();
+        rstd = has_x ? rstd_s[g] : 0.f;
+    }
+    mma_load_x<U, NORM>(xp, gp, has_x, warp, chunks, xv, gv);
+    let_dependents_launch();
+
+    for (int parity = 0; unit < n_units; unit += gridDim.x, parity ^= 1) {
+        float acc[RT][2][4];
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[r][j][i] = 0.f;
+        for (int s = warp; s < steps; s += warps) {
+            uint4 nwa[U][RT], nwb[U][RT], nxv[U], ngv[U];
+            if (s + warps < steps) {
+                mma_load_w<RT, U>(w0, w1, s + warps, chunks, nwa, nwb);
+                mma_load_x<U, NORM>(xp, gp, has_x, s + warps, chunks, nxv, ngv);
+            } else if (unit + gridDim.x < n_units) {  // the next unit's first step (x is the same)
+                mma_unit_pointers<RT>(a, unit + gridDim.x, g, t, w0, w1);
+                mma_load_w<RT, U>(w0, w1, warp, chunks, nwa, nwb);
+                mma_load_x<U, NORM>(xp, gp, has_x, warp, chunks, nxv, ngv);
+            }
+            mma_step<RT, U, NORM>(wa, wb, xv, gv, rstd, acc);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                xv[u] = nxv[u];
+                if (NORM) gv[u] = ngv[u];
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    wa[u][r] = nwa[u][r];
+                    wb[u][r] = nwb[u][r];
+                }
+            }
+        }
+        float *rp = red + parity * red_half;
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) rp[((warp * RT + r) * 4 + i) * 32 + lane] = acc[r][0][i] + acc[r][1][i];
+        __syncthreads();
+
+        // the epilogue: thread o takes row m of the unit's outputs (consecutive threads, consecutive columns of
+        // y) for row n of x
+        constexpr int P = RT >= 2 ? RT / 2 : 1;
+        const bool pairs = a.glu || a.rope_d;
+        const int rows_out = pairs ? P * 16 : RT * 16;
+        for (int o = threadIdx.x; o < rows_out * a.M; o += blockDim.x) {
+            const int m = o % rows_out, n = o / rows_out, p = m >> 4, mm = m & 15;
+            uint16_t *yrow = a.y + (size_t)n * a.ldy;
+            const uint16_t *rrow = a.res ? a.res + (size_t)n * a.ldy : nullptr;
+            if (!pairs) {
+                const int row = mma_tile_base<RT>(a, unit, p) + mm;
+                if (row >= a.N) continue;
+                float out = round_bf16(mma_sum<RT>(rp, warps, p, mm, n));
+                if (rrow) out = round_bf16(out + bf16_bits_to_float(rrow[row]));
+                yrow[row] = bf16_bits(out);
+                continue;
+            }
+            const int ra = mma_tile_base<RT>(a, unit, p) + mm, rb = mma_tile_base<RT>(a, unit, P + p) + mm;
+            const float ga = round_bf16(mma_sum<RT>(rp, warps, p, mm, n));
+            const float vb = round_bf16(mma_sum<RT>(rp, warps, P + p, mm, n));
+            if (a.glu) {
+                if (ra >= a.N / 2) continue;
+                float out = round_bf16(ga / (1.f + expf(-ga)) * vb);
+                if (rrow) out = round_bf16(out + bf16_bits_to_float(rrow[ra]));
+                yrow[ra] = bf16_bits(out);
+            } else {
+                if (rb >= a.N) continue;
+                if (ra < a.rope_rows) {
+                    const int i = ra % a.rope_d, half = a.rope_d / 2;
+                    const uint16_t *cr = a.cos + (size_t)n * a.rope_d, *sr = a.sin + (size_t)n * a.rope_d;
+                    const float c0 = bf16_bits_to_float(cr[i]), s0 = bf16_bits_to_float(sr[i]);
+                    const float c1 = bf16_bits_to_float(cr[i + half]), s1 = bf16_bits_to_float(sr[i + half]);
+                    yrow[ra] = bf16_bits(__fadd_rn(__fmul_rn(ga, c0), -__fmul_rn(vb, s0)));
+                    yrow[rb] = bf16_bits(__fadd_rn(__fmul_rn(vb, c1), __fmul_rn(ga, s1)));
+                } else {
+                    yrow[ra] = bf16_bits(ga);
+                    yrow[rb] = bf16_bits(vb);
+                }
+            }
+        }
+    }
+}
+
+template <int RT, int U, bool NORM>
+static int launch_mma(const MmaArgs &a, int warps, int pdl, cudaStream_t stream) {
+    constexpr int P = RT >= 2 ? RT / 2 : 1;
+    const int tiles = (a.glu || a.rope_d ? a.N / 2 : a.N + 15) / 16;  // of outputs (pairs: of pairs)
+    const int units = a.glu || a.rope_d ? (tiles + P - 1) / P : (tiles + RT - 1) / RT;
+    const size_t smem = (size_t)2 * warps * RT * 128 * sizeof(float);
+    const void *kernel = (const void *)bf16_mma_kernel<RT, U, NORM>;
+    cudaError_t e;
+    int device, sms, per_sm = 0;
+    if ((e = cudaGetDevice(&device)) != cudaSuccess) return (int)e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)e;
+    if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem)) != cudaSuccess)
+        return (int)e;
+    // as many blocks as fit, each taking the same number of units (the last ones one fewer)
+    const int fit = per_sm > 0 ? per_sm * sms : units, rounds = (units + fit - 1) / fit;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((units + rounds - 1) / rounds);
+    cfg.blockDim = dim3(warps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    int n_units = units;
+    void *args[] = {(void *)&a, (void *)&n_units};
+    return (int)cudaLaunchKernelExC(&cfg, kernel, args);
+}
+
+extern "C" int flint_bf16_mma(const void *x, const void *w, void *y, int M, int N, int K, int ldx, int ldy,
+                              const void *norm_w, float eps, const void *res, int glu, const void *cos,
+                              const void *sin, int rope_d, int rope_rows, int tiles, int unroll, int warps, int pdl,
+                              void *stream) {
+    MmaArgs a = {(const uint16_t *)x, (const uint16_t *)w, (uint16_t *)y, (const uint16_t *)res,
+                 (const uint16_t *)norm_w, (const uint16_t *)cos, (const uint16_t *)sin, M, N, K, ldx, ldy, eps,
+                 glu, rope_d, rope_rows};
+    cudaStream_t s = (cudaStream_t)stream;
+    if (M < 1 || M > 8 || K % 32 || warps < 1 || warps > 8 || ((glu || rope_d) && tiles % 2)) return -1;
+    const bool norm = norm_w != nullptr;
+#define FLINT_CASE(RT_, U_) \
+    if (tiles == RT_ && unroll == U_) \
+        return norm ? launch_mma<RT_, U_, true>(a, warps, pdl, s) : launch_mma<RT_, U_, false>(a, warps, pdl, s);
+    FLINT_CASE(1, 2) FLINT_CASE(1, 4) FLINT_CASE(2, 1) FLINT_CASE(2, 2) FLINT_CASE(4, 1)
+#undef FLINT_CASE
+    return -1;
+}
+
 // ---------------------------------------------------------------- decode attention (sm_90: thread block clusters)
 // One query token per row over a static cache [Bc, Hkv, S, D], slots lo..pos of the row: the kv head's GROUP query
 // heads at once. A cluster of C blocks per (row, kv head); a lane holds DL = 8 dims of one slot's key and value
@@ -847,6 +1140,8 @@ def _library(device_index: int):
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.flint_int4_gemv.argtypes = [p, p, p, p, i, i, i, p, f, p, i, p, p, i, i, i, i, i, i, p]
     lib.flint_int4_gemv.restype = i
+    lib.flint_bf16_mma.argtypes = [p, p, p, i, i, i, i, i, p, f, p, i, p, p, i, i, i, i, i, i, p]
+    lib.flint_bf16_mma.restype = i
     lib.flint_decode_attention.argtypes = [p, p, p, p, p, p, i, p, p, i, i, i, i, i, i, i, i, p]
     lib.flint_decode_attention.restype = i
     lib.flint_attention_max_cluster.argtypes = []
@@ -911,6 +1206,43 @@ def int4_gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, y: torch.
                               int(rope_rows), rows, unroll, warps, int(pdl), stream)
     if err:
         raise RuntimeError(f"int4_gemv: {lib.flint_error_string(err).decode()}")
+
+
+# ---------------------------------------------------------------- bf16 GEMV at 1..8 rows (tensor cores)
+
+MMA_INSTANCES = ((1, 2), (1, 4), (2, 1), (2, 2), (4, 1))  # (tiles of 16 rows of W a block, chunks of 32 columns a step)
+MMA_MAX_ROWS = 8  # rows of x: the mma's 8 columns
+MMA_MAX_WARPS = 8
+
+
+def mma_supports(M: int, N: int, K: int, glu: bool = False, rope_d: int = 0) -> bool:
+    """Shapes bf16_mma takes: 1..8 rows of x, K a multiple of 32 (16 bytes a lane), N even with glu, a head dim
+    that is a multiple of 32 with RoPE (a tile of 16 rows inside one half of a head)."""
+    return (1 <= M <= MMA_MAX_ROWS and K % 32 == 0 and N > 0 and (not glu or N % 2 == 0)
+            and (not rope_d or (rope_d % 32 == 0 and N % rope_d == 0)))
+
+
+def bf16_mma(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, tiles: int, unroll: int, warps: int, pdl: bool,
+             norm=None, residual=None, glu: bool = False, rope=None) -> None:
+    """y bf16 [M, N] (or [M, N/2] with glu; contiguous) = x2 bf16 [M, K] (rows 16-byte aligned) @ w bf16 [N, K]^T
+    (contiguous) for M <= 8 on tensor cores. norm (weight bf16 [K], eps), residual (bf16 as y), glu, rope (cos,
+    sin bf16 [M, D], rope_rows) as gemv.bf16_linear takes them; glu and rope need an even `tiles`."""
+    M, K = x2.shape
+    N = w.shape[0]
+    norm_w, eps = norm if norm is not None else (None, 0.0)
+    cos, sin, rope_rows = rope if rope is not None else (None, None, 0)
+    rope_d = 0 if cos is None else cos.shape[-1]
+    if ((tiles, unroll) not in MMA_INSTANCES or not 1 <= warps <= MMA_MAX_WARPS or not mma_supports(M, N, K, glu, rope_d)
+            or (glu or rope_d) and tiles % 2):
+        raise ValueError(f"bf16_mma: no kernel for tiles={tiles}, unroll={unroll}, warps={warps}, M={M}, N={N}, "
+                         f"K={K}, glu={glu}, rope_d={rope_d}")
+    lib = _library(_device_index(x2.device))
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    err = lib.flint_bf16_mma(x2.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K, x2.stride(0), y.stride(0),
+                             _ptr(norm_w), float(eps), _ptr(residual), int(glu), _ptr(cos), _ptr(sin), rope_d,
+                             int(rope_rows), tiles, unroll, warps, int(pdl), stream)
+    if err:
+        raise RuntimeError(f"bf16_mma: {lib.flint_error_string(err).decode()}")
 
 
 # ---------------------------------------------------------------- decode attention

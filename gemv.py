@@ -1569,6 +1569,11 @@ _MMA_INT4 = [_cfg("int4_mma", 16, 8, 1, 1), _cfg("int4_mma", 32, 8, 1, 1), _cfg(
 # kernels win every shape
 _MMA_BF16 = [_cfg("bf16_mma", 16, 64, 1, 1, 8, 1), _cfg("bf16_mma", 16, 64, 1, 1, 16, 1),
              _cfg("bf16_mma", 16, 64, 1, 1, 1, 1), _cfg("bf16_mma", 16, 64, 1, 1, 4, 1)]
+# bf16_cu: cuda_kernels.bf16_mma (tiles of 16 rows a block, chunks of 32 columns a step, warps, 1), tensor cores at
+# 2..8 rows with W and x as loaded (16 bytes a lane), all fusions, PDL; where nvcc and the GPU allow it
+_CU_BF16 = [_cfg("bf16_cu", 1, 4, 8, 1), _cfg("bf16_cu", 2, 2, 8, 1), _cfg("bf16_cu", 1, 2, 8, 1),
+            _cfg("bf16_cu", 2, 1, 8, 1), _cfg("bf16_cu", 4, 1, 8, 1), _cfg("bf16_cu", 1, 4, 4, 1),
+            _cfg("bf16_cu", 2, 2, 4, 1)]
 MMA_MAX_M = 8  # B's columns
 FMA_MAX_M = 4  # fma kernels re-read W per row (from L2): candidates up to this many rows
 NO_PDL_HANDICAP = 1.15  # see _pick
@@ -1582,9 +1587,9 @@ def candidates(op: str, M: int, K: int, group_size: int = 0, glu: bool = False) 
     silu_mul's kernel), since the epilogue's pairing of gate and up rows costs some kernels more than the
     separate kernel (the bf16 fma configs on the H200), others less (int8_h2)."""
     configs = _candidates(op, M, K, group_size)
-    if glu:
-        configs = configs + [(c[0] + "+silu",) + tuple(c[1:]) for c in configs
-                             if c[0] not in ("dot", "int4_dot", "dequant")]
+    if glu:  # bf16_cu's GLU epilogue pairs tiles: an even number of them
+        configs = ([c for c in configs if not (c[0] == "bf16_cu" and c[1] % 2)]
+                   + [(c[0] + "+silu",) + tuple(c[1:]) for c in configs if c[0] not in ("dot", "int4_dot", "dequant")])
     return configs
 
 
@@ -1618,7 +1623,18 @@ def _candidates(op: str, M: int, K: int, group_size: int) -> list[tuple]:
     # and then (bf16 decode 240 against 252 tok/s when it took qkv and o_proj)
     if op == "bf16" and M > 1 and DEQUANT not in configs:
         configs = configs + [DEQUANT]
+    if op == "bf16" and 1 < M <= MMA_MAX_M and _cuda_bf16_for(K):
+        configs = configs + _CU_BF16
     return configs
+
+
+def _cuda_bf16_for(K: int) -> bool:
+    """Whether cuda_kernels' bf16 mma GEMV is a candidate (a GPU, nvcc, K a multiple of 32)."""
+    if K % 32 or not torch.cuda.is_available() or _interpret():
+        return False
+    import cuda_kernels
+
+    return cuda_kernels.available("cuda")
 
 
 def _cuda_kernels_for(K: int, group_size: int) -> bool:
@@ -1986,7 +2002,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 
 # kernels with the NORM prologue and the RES epilogue
-FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p", "int4_cu")
+FUSES_NORM_RES = ("fma", "fma_prmt", "int8_fma", "int8_h2", "int4_fma", "int4_h2", "int4_h2p", "int4_cu", "bf16_cu")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -2030,6 +2046,8 @@ def _rope_fits(cfg, rope, glu, residual) -> bool:
     block_n = cfg[1]
     if cfg[0] == "int4_cu":  # any head dim: a warp's rows are pairs
         return not glu and residual is None and block_n >= 2
+    if cfg[0] == "bf16_cu":  # pairs of tiles of 16 rows inside the halves of a head
+        return not glu and residual is None and block_n % 2 == 0 and rope[0].shape[1] % 32 == 0
     return (not glu and residual is None and not cfg[0].endswith("+silu") and block_n >= 2
             and rope[0].shape[1] % block_n == 0)
 
@@ -2062,6 +2080,8 @@ def _run_dense(x2, w, scales, cfg, glu=False, norm=None, residual=None, rope=Non
         return silu_mul(y) if glu else y
     if kernel == "dot" and glu:
         return silu_mul(_run_dense(x2, w, scales, cfg))
+    if kernel == "bf16_cu" and not quant:
+        return _run_bf16_cu(x2, w, cfg, glu, norm, residual, rope)
     M, K = x2.shape
     N = w.shape[0]
     if kernel == "int8_mma" and (M > 8 or K % 4 or w.data_ptr() % 4 or x2.stride(0) % 2 or x2.data_ptr() % 4):
@@ -2197,6 +2217,30 @@ def _run_int4(x2, packed, scales_zeros, group_size, cfg, glu=False, norm=None, r
     return y
 
 
+def _run_bf16_cu(x2, w, cfg, glu, norm, residual, rope):
+    """bf16 through cuda_kernels.bf16_mma (config ("bf16_cu", tiles, unroll, warps, 1)); where it cannot run (more
+    than 8 rows, x, W or the norm's weight not 16-byte aligned, an odd number of tiles for the GLU epilogue) the
+    first fma config (with its fusions) or cuBLAS with the ops around it."""
+    import cuda_kernels
+
+    _, tiles, unroll, warps, _ = cfg
+    M, K = x2.shape
+    N = w.shape[0]
+    rope_d = 0 if rope is None else rope[0].shape[1]
+    if (not cuda_kernels.mma_supports(M, N, K, glu, rope_d) or x2.data_ptr() % 16 or x2.stride(0) % 8
+            or w.data_ptr() % 16 or (norm is not None and norm[0].data_ptr() % 16)):
+        return _run_dense(x2, w, None, _FMA_BF16[0] if M <= FMA_MAX_M else DEQUANT, glu, norm, residual, rope)
+    if glu and tiles % 2:  # no GLU epilogue for one tile: the plain kernel, then silu_mul
+        y = silu_mul(_run_bf16_cu(x2, w, cfg, False, norm, None, None))
+        return y if residual is None else residual + y
+    y = torch.empty(M, N // 2 if glu else N, dtype=torch.bfloat16, device=x2.device)
+    if getattr(_compiling, "only", False):  # compile_candidates: the library was built by available()
+        return y
+    cuda_kernels.bf16_mma(x2, w, y, tiles, unroll, warps, bool(_pdl_args(x2.device).get("PDL")), norm=norm,
+                          residual=residual, glu=glu, rope=rope)
+    return y
+
+
 def _run_int4_cu(x2, packed, scales_zeros, group_size, cfg, glu, norm, residual, rope):
     """int4 through cuda_kernels.int4_gemv (config ("int4_cu", rows, unroll, warps, 1)); where it cannot run
     (several rows of x, x or the norm's weight not 16-byte aligned, a shape it was not built for) the default
@@ -2296,7 +2340,10 @@ def bf16_linear(x2: torch.Tensor, w: torch.Tensor, glu: bool = False, norm_weigh
         return _run_dense(x2, w, None, DEQUANT, glu, norm, residual, rope)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     key = _key(_op_name("bf16", glu, norm_weight, rope_cos), M, w.shape[0], K, 0, x2.device)
-    cfg = _pick(key, candidates("bf16", M, K, 0, glu),
+    configs = candidates("bf16", M, K, 0, glu)
+    if M > 1 and (norm is not None or rope is not None):  # the others would run them as eager ops in the op
+        configs = [c for c in configs if not _ops_around_kernel(c, glu, norm, residual, rope)] or configs
+    cfg = _pick(key, configs,
                 lambda c, w_: _run_dense(x2, w_, None, c, glu, norm, residual, rope), x2.device, (w,))
     return _run_dense(x2, w, None, cfg, glu, norm, residual, rope)
 
@@ -2376,13 +2423,28 @@ def _(x2, packed, scales_zeros, group_size, glu=False, norm_weight=None, eps=0.0
 BF16_NORM_MAX_K = 1024
 
 
-def fusable(x: torch.Tensor, norm, bias) -> bool:
+def fusable(x: torch.Tensor, norm, bias, rows: bool = False) -> bool:
     """Whether a linear's kernel takes the RMSNorm (norm = (weight, eps)) and the residual add of model.linear:
     one row of bf16 x (a batch-1 decode step: every candidate kernel at one row has them; at more rows the
     mma, dot and cuBLAS candidates would need them as separate ops, which inductor fuses better outside the
-    op), no bias (it comes before the residual), unless FLINT_GEMV_FUSE=0."""
-    return (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and bias is None
+    op), or up to MMA_MAX_M rows where rows says the layer's kernels take them there (bf16_cu: Linear.fuses_rows),
+    no bias (it comes before the residual), unless FLINT_GEMV_FUSE=0."""
+    return ((x.numel() == x.shape[-1] or rows and x.numel() <= MMA_MAX_M * x.shape[-1])
+            and x.dtype == torch.bfloat16 and bias is None
             and (norm is None or norm[0].dtype == torch.bfloat16) and os.environ.get("FLINT_GEMV_FUSE", "1") != "0")
+
+
+def rows_fusions() -> str:
+    """What bf16 linears take into their kernel at 2..8 rows (Linear.fuses_rows), FLINT_GEMV_FUSE_ROWS:
+    "residual" (the default: the residual add, at the row buckets where the tuner picked a kernel that has it,
+    cuda_kernels' bf16 mma kernel: elsewhere the add stays outside the op, where inductor fuses it into the next
+    norm's kernel; on the H200 llama-3-8b batch 8 +1.2%, SmolLM2 preset +2.5%), "all" (the norm and RoPE too,
+    wherever the bf16 mma kernel runs: the op then times only kernels that have them, since the others would
+    run them as eager ops; at batch 8 that lost 2-3%: bf16_cu is slower than cuBLAS on qkv and gate_up), "0"
+    (none; also FLINT_GEMV_FUSE=0)."""
+    if os.environ.get("FLINT_GEMV_FUSE", "1") == "0":
+        return "0"
+    return os.environ.get("FLINT_GEMV_FUSE_ROWS", "residual")
 
 
 def rope_enabled() -> bool:
@@ -2398,15 +2460,15 @@ def rope_after(forward, x, glu, norm, residual, rope):
     return unfused(lambda x_, g: forward(x_, g, norm), x, glu, None, residual, rope)
 
 
-def ops_outside_kernel(layer, x, glu, norm, residual, rope, kernel: bool):
+def ops_outside_kernel(layer, x, glu, norm, residual, rope, kernel: bool, rows: bool = False):
     """A linear's forward(x, glu, norm, residual, rope) where its kernel cannot take the norm, residual add or
-    RoPE asked of it (kernel: the layer runs gemv's kernels at all): the output with those as plain ops around
-    layer.forward; None when the kernel takes them (or none were asked)."""
+    RoPE asked of it (kernel: the layer runs gemv's kernels at all; rows: at up to MMA_MAX_M rows too): the
+    output with those as plain ops around layer.forward; None when the kernel takes them (or none were asked)."""
     if norm is None and residual is None and rope is None:
         return None
     if rope is not None and (residual is not None or not rope_enabled()):
         return rope_after(layer.forward, x, glu, norm, residual, rope)
-    if not (kernel and fusable(x, norm, layer.bias) and (layer.fuses_glu or not glu)):
+    if not (kernel and fusable(x, norm, layer.bias, rows) and (layer.fuses_glu or not glu)):
         return unfused(layer.forward, x, glu, norm, residual, rope)
     return None
 
@@ -2426,22 +2488,27 @@ class Linear(torch.nn.Linear):
     ties and state-dict names. Anything else (prefill, other dtypes) is F.linear. forward(x, glu=True)
     returns SiLU(gate) * up of a [gate; up] weight; norm = (weight, eps) multiplies RMSNorm(x) instead of x,
     residual is added to the output (model.linear passes them to linears that set fuses_ops), inside the
-    kernel where fusable() says so."""
+    kernel where fusable() says so: at one row, and at the row buckets of 2..8 in fuses_rows (tune_linears puts
+    a bucket there where the tuner picked a kernel with the residual add, cuda_kernels' bf16 mma kernel; see
+    rows_fusions())."""
     fuses_ops = True
+    fuses_rows = frozenset()
 
     @property
     def fuses_glu(self) -> bool:
         return glu_enabled()
 
     def forward(self, x, glu: bool = False, norm=None, residual=None, rope=None):
-        out = ops_outside_kernel(self, x, glu, norm, residual, rope, self.weight.dtype == torch.bfloat16)
+        rows = x.numel() // x.shape[-1]
+        many = (1 < rows <= MMA_MAX_M and row_bucket(rows) in self.fuses_rows
+                and (norm is None and rope is None or rows_fusions() == "all"))
+        out = ops_outside_kernel(self, x, glu, norm, residual, rope, self.weight.dtype == torch.bfloat16, many)
         if out is not None:
             return out
         if glu and not self.fuses_glu:  # FLINT_GEMV_GLU=0
             return silu_mul(self.forward(x))
-        if norm is not None and self.in_features > BF16_NORM_MAX_K:  # the norm as its own (inductor) kernel
+        if norm is not None and self.in_features > BF16_NORM_MAX_K and not many:  # the norm as its own kernel
             x, norm = rms_norm(x, *norm), None
-        rows = x.numel() // x.shape[-1]
         if (rows > MAX_M or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
                 or (glu and self.bias is not None)):  # a bias must come before the GLU: not in the epilogue
             y = F.linear(x, self.weight, self.bias)
@@ -2497,10 +2564,33 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device, row_counts=
         for rows in buckets:
             x = torch.zeros(rows, m.in_features, dtype=dtype, device=device)
             m(x, glu=True) if glu else m(x)
-            if norm and rows == 1:
+            if norm and (rows == 1 or getattr(m, "fuses_rows", False) and rows <= MMA_MAX_M
+                         and rows_fusions() == "all"):
                 kw = {"glu": True} if glu else {}
                 parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
                 if name.endswith("qkv_proj") and rope_enabled() and hasattr(parent, "head_dim"):  # model.Attention
-                    cos = torch.ones(1, 1, 1, parent.head_dim, dtype=dtype, device=device)
+                    cos = torch.ones(rows, 1, 1, parent.head_dim, dtype=dtype, device=device)
                     kw["rope"] = (cos, torch.zeros_like(cos), parent.n_heads + parent.n_kv_heads)
                 m(x, norm=(torch.ones(m.in_features, dtype=dtype, device=device), 1e-5), **kw)
+    set_rows_fusions(model, buckets, torch.device(device))
+
+
+def set_rows_fusions(model: torch.nn.Module, buckets, device: torch.device) -> None:
+    """Linear.fuses_rows of every bf16 Linear of model from the picks of the row buckets of 2..8 in buckets (see
+    rows_fusions()): the residual add goes into the op where the picked kernel has it (a kernel without it
+    would add it as an eager op, where outside the op inductor fuses it into the next norm's kernel)."""
+    policy = rows_fusions()
+    for m in model.modules():
+        if not isinstance(m, Linear):
+            continue
+        rows = set(m.fuses_rows)
+        for b in buckets:
+            if not 1 < b <= MMA_MAX_M:
+                continue
+            cfg = config_for("bf16", b, m.out_features, m.in_features, 0, device)
+            if policy == "all":
+                fuses = _cuda_bf16_for(m.in_features)
+            else:
+                fuses = policy != "0" and cfg is not None and cfg[0] in FUSES_NORM_RES
+            (rows.add if fuses else rows.discard)(b)
+        m.fuses_rows = frozenset(rows)

@@ -157,6 +157,10 @@ class GraphedForward:
             return self.model(tokens.to(self.device), input_pos.to(self.device), self.cache)
         g = self.graphs.get(tuple(tokens.shape))
         if g is None:
+            if self.device.type == "cuda":  # gemv.py's kernels pick their configs for this row count before the
+                dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.bfloat16)
+                with torch.no_grad():
+                    gemv.tune_linears(self.model, dtype, self.device, [tokens.numel()])  # trace (Linear.fuses_rows)
             g = {"tokens": tokens.to(self.device, copy=True), "pos": input_pos.to(self.device, copy=True)}
             # Warm up (compiles) on a side stream. It writes the keys and values the real step writes
             # (same tokens, same positions), so the cache is unharmed.

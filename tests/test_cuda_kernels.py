@@ -1,4 +1,5 @@
-"""cuda_kernels.py's int4 GEMV against the dequantized fp32 reference and against gemv.py's Triton int4_h2 kernel
+"""cuda_kernels.py's bf16 tensor-core GEMV (1..8 rows) against fp32 and with its fusions against the plain ops;
+its int4 GEMV against the dequantized fp32 reference and against gemv.py's Triton int4_h2 kernel
 (the same math in another order), every compiled (rows, unroll) instance, with each fusion (RMSNorm, residual,
 SwiGLU, RoPE), in a CUDA graph: on a GPU with nvcc only. On any machine: when the kernel is offered (available,
 supports, gemv's candidates), and that the source compiles where there is an nvcc. The tolerance is test_gemv's:
@@ -145,6 +146,101 @@ def test_int4_gemv_in_a_cuda_graph():
     graph.replay()
     assert torch.equal(out, y)
     close(out, ref)
+
+
+# ---------------------------------------------------------------- bf16 GEMV at 1..8 rows (tensor cores)
+
+def test_bf16_mma_offered_at_2_to_8_rows_where_it_builds(monkeypatch):
+    assert cuda_kernels.mma_supports(8, 6144, 4096, rope_d=128) and cuda_kernels.mma_supports(1, 97, 640)
+    assert not cuda_kernels.mma_supports(9, 4096, 4096) and not cuda_kernels.mma_supports(8, 4096, 4100)
+    assert not cuda_kernels.mma_supports(8, 97, 640, glu=True) and not cuda_kernels.mma_supports(8, 96, 64, rope_d=16)
+    monkeypatch.setattr(gemv, "_cuda_bf16_for", lambda K: True)
+    names = lambda M, glu=False: [c for c in gemv.candidates("bf16", M, 4096, 0, glu) if c[0] == "bf16_cu"]  # noqa: E731
+    assert names(1) == [] and names(2) == names(8) == gemv._CU_BF16 and names(9) == []
+    assert names(8, glu=True) == [c for c in gemv._CU_BF16 if c[1] % 2 == 0]  # the GLU epilogue pairs tiles
+    assert len([c for c in gemv.candidates("bf16", 8, 4096, 0, True) if c[0] == "bf16_cu+silu"]) == len(gemv._CU_BF16)
+    assert all((c[1], c[2]) in cuda_kernels.MMA_INSTANCES and c[3] <= cuda_kernels.MMA_MAX_WARPS for c in gemv._CU_BF16)
+    assert [c for c in gemv.candidates("int8", 8, 4096) if c[0] == "bf16_cu"] == []
+    monkeypatch.setattr(gemv, "_cuda_bf16_for", lambda K: False)
+    assert names(8) == []
+
+
+MMA_SHAPES = [(6144, 4096), (4096, 14336), (300, 1024), (97, 640), (2048, 96)]  # ragged N, K not a step's multiple
+
+
+def mma_problem(M, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(torch.bfloat16)
+    return x.cuda(), w.cuda(), x.float() @ w.float().t()
+
+
+def mma_configs():
+    return [("bf16_cu", t, u, w, 1) for t, u in cuda_kernels.MMA_INSTANCES for w in (1, 4, 8)]
+
+
+@gpu
+@pytest.mark.parametrize("N,K", MMA_SHAPES)
+def test_bf16_mma_every_instance(N, K):
+    for M in (1, 2, 5, 8):
+        x, w, ref = mma_problem(M, N, K)
+        for cfg in mma_configs():
+            y = gemv._run_dense(x, w, None, cfg)
+            assert y.shape == (M, N)
+            close(y, ref)
+            assert torch.equal(gemv._run_dense(x, w, None, cfg), y), cfg  # deterministic
+    x, w, ref = mma_problem(8, N, K)  # rows of x strided (a view of a wider tensor)
+    wide = torch.zeros(8, K + 64, dtype=torch.bfloat16, device="cuda")
+    wide[:, :K] = x
+    close(gemv._run_dense(wide[:, :K], w, None, ("bf16_cu", 2, 2, 8, 1)), ref)
+
+
+@gpu
+@pytest.mark.parametrize("M,N,K", [(8, 1024, 4096), (3, 512, 640), (8, 96 * 4, 96)])
+def test_bf16_mma_fusions(M, N, K):
+    # against the plain kernel with the ops after it, as test_gemv checks the Triton kernels
+    gen = torch.Generator().manual_seed(1)
+    x, w, _ = mma_problem(M, N, K)
+    x = (x.float() * 300).to(torch.bfloat16)
+    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(torch.bfloat16).cuda()
+    res = (10 * torch.randn(M, N, generator=gen)).to(torch.bfloat16).cuda()
+    res_glu = (10 * torch.randn(M, N // 2, generator=gen)).to(torch.bfloat16).cuda()
+    D = 64 if N == 384 else 128
+    angle = torch.randn(M, D // 2, generator=gen) * 3
+    cos = torch.cat((angle.cos(), angle.cos()), -1).to(torch.bfloat16).cuda()
+    sin = torch.cat((angle.sin(), angle.sin()), -1).to(torch.bfloat16).cuda()
+    rope_rows = (N // D) // 2 * D
+    xn = gemv.rms_norm(x, g, 1e-5)
+
+    def ok(got, want, what):
+        err = (got.float() - want.float()).abs()
+        assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), (what, err.max())
+
+    for cfg in mma_configs():
+        plain = gemv._run_dense(xn, w, None, cfg)
+        ok(gemv._run_dense(x, w, None, cfg, False, (g, 1e-5), res), plain.float() + res.float(), (cfg, "norm"))
+        ok(gemv._run_dense(x, w, None, cfg, True, (g, 1e-5), res_glu), gemv.silu_mul(plain).float() + res_glu.float(),
+           (cfg, "glu"))
+        rope = gemv._run_dense(x, w, None, cfg, False, (g, 1e-5), None, (cos, sin, rope_rows))
+        ok(rope, gemv.rope_heads(plain, cos[:, None], sin[:, None], rope_rows), (cfg, "rope"))
+        assert torch.equal(rope[:, rope_rows:], plain[:, rope_rows:])  # v: as computed
+
+
+@gpu
+def test_bf16_mma_in_a_cuda_graph_and_through_the_op():
+    x, w, ref = mma_problem(8, 1024, 2048)
+    cfg = ("bf16_cu", 2, 2, 8, 1)
+    y = gemv._run_dense(x, w, None, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv._run_dense(x, w, None, cfg)
+    x.copy_(torch.zeros_like(x))
+    graph.replay()
+    assert out.abs().max() == 0
+    x.copy_(mma_problem(8, 1024, 2048)[0])
+    graph.replay()
+    assert torch.equal(out, y)
+    close(gemv.bf16_linear(x, w), ref)  # whatever the tuner picks
 
 
 # ---------------------------------------------------------------- decode attention (sm_90)

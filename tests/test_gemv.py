@@ -917,3 +917,67 @@ def test_bench_gemv_all_configs_checks_every_candidate(monkeypatch, capsys):
         assert sorted(r["config"] for r in configs if r["op"] == op) == sorted(
             "/".join(map(str, c)) for c in gemv.candidates(op, 1, 256))
     assert all(r["max_rel_err"] < 1e-2 for r in configs)
+
+
+@pytest.mark.parametrize("policy", ["residual", "all"])
+def test_linear_at_several_rows_takes_the_fusions_only_where_its_kernels_have_them(policy, monkeypatch):
+    # fuses_rows (the row buckets where the tuner picked bf16_cu) sends the residual (FLINT_GEMV_FUSE_ROWS=all:
+    # the norm and RoPE too) of 2..8 rows into the op; without a GPU the op runs them as plain ops around its
+    # kernel (under the interpreter a Triton one, in another order than F.linear: test_gemv's tolerance)
+    monkeypatch.setenv("FLINT_GEMV_FUSE_ROWS", policy)
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 256, bias=False).to(torch.bfloat16)
+    lin.__class__ = gemv.Linear
+    x = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16)
+    g = (1 + 0.5 * torch.randn(64, generator=gen)).to(torch.bfloat16)
+    res = torch.randn(2, 3, 256, generator=gen).to(torch.bfloat16)
+    angle = torch.randn(2, 3, 1, 16, generator=gen)
+    cos, sin = torch.cat((angle.cos(),) * 2, -1).to(torch.bfloat16), torch.cat((angle.sin(),) * 2, -1).to(torch.bfloat16)
+    want_norm = torch.nn.functional.linear(gemv.rms_norm(x, g, 1e-5), lin.weight) + res
+    want_rope = gemv.rope_heads(torch.nn.functional.linear(gemv.rms_norm(x, g, 1e-5), lin.weight),
+                                cos, sin, 4 * 32)
+    def ok(got, want):
+        err = (got.float() - want.float()).abs()
+        assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), err.max()
+
+    with torch.no_grad():
+        for rows_fused in (False, True):
+            lin.fuses_rows = frozenset({8} if rows_fused else ())
+            assert gemv.fusable(x, (g, 1e-5), None, rows_fused) == rows_fused
+            ok(lin(x, norm=(g, 1e-5), residual=res), want_norm)
+            ok(lin(x, norm=(g, 1e-5), rope=(cos, sin, 4)), want_rope)
+            ok(lin(x, residual=res), torch.nn.functional.linear(x, lin.weight) + res)
+    # where the ops go: into the op (None) or around it
+    inside = lambda **kw: gemv.ops_outside_kernel(lin, x, False, kw.get("norm"), kw.get("residual"), None,  # noqa: E731
+                                                  True, True) is None
+    assert inside(residual=res) and inside(norm=(g, 1e-5), residual=res)  # what the op is asked, it takes
+    lin.fuses_rows = frozenset({8})
+    with torch.no_grad():  # Linear.forward asks it for the norm only with "all"
+        calls = []
+        real = gemv.ops_outside_kernel
+        monkeypatch.setattr(gemv, "ops_outside_kernel", lambda *a: calls.append(a[-1]) or real(*a))
+        lin(x, norm=(g, 1e-5), residual=res)  # (plain ops around it call the linear again without them)
+        assert calls[0] == (policy == "all")
+        calls.clear()
+        lin(x, residual=res)
+        assert calls == [True]
+    assert not gemv.fusable(torch.zeros(9, 64, dtype=torch.bfloat16), None, None, True)  # past the kernel's rows
+
+
+def test_rows_fusions_follow_the_picks(monkeypatch):
+    # tune_linears marks the row buckets where the picked kernel adds the residual itself (bf16_cu); a kernel
+    # without it leaves the add outside the op (inductor fuses it there); FLINT_GEMV_FUSE_ROWS=0: never
+    lin = torch.nn.Linear(64, 256, bias=False).to(torch.bfloat16)
+    lin.__class__ = gemv.Linear
+    model = torch.nn.Sequential(lin)
+    key = lambda M: gemv._key("bf16", M, 256, 64, 0, torch.device("cpu"))  # noqa: E731
+    monkeypatch.setattr(gemv, "_best", {key(8): ("bf16_cu", 1, 4, 8, 1), key(2): gemv.DEQUANT,
+                                        key(4): ("fma", 8, 256, 4, 1)})
+    gemv.set_rows_fusions(model, [1, 2, 4, 8, 16], torch.device("cpu"))
+    assert lin.fuses_rows == {4, 8}  # fma has the add too; 1 and 16 are not this policy's
+    monkeypatch.setitem(gemv._best, key(8), gemv._DOT[0])
+    gemv.set_rows_fusions(model, [8], torch.device("cpu"))
+    assert lin.fuses_rows == {4}
+    monkeypatch.setenv("FLINT_GEMV_FUSE_ROWS", "0")
+    gemv.set_rows_fusions(model, [2, 4, 8], torch.device("cpu"))
+    assert lin.fuses_rows == set()
