@@ -1,8 +1,11 @@
-"""CUDA C++ kernels for decode on NVIDIA GPUs: the int4 matrix-vector product at one row of x (batch-1 decode), and
-one-token attention over a static cache in one kernel (sm_90; int4 models take it at batch 1).
+"""CUDA C++ kernels for decode on NVIDIA GPUs: the int4 matrix-vector product at one row of x (batch-1 decode), a bf16
+one for 1..8 rows on tensor cores, and one-token attention over a static cache in one kernel (sm_90; int4 models
+take it at batch 1).
 
     cuda_kernels.int4_gemv(x2, words, sz, y, group_size, rows, unroll, warps, pdl, norm, residual, glu, rope)
     gemv.int4_linear(...)   # takes it as the "int4_cu" configs, timed against its Triton kernels per shape
+    cuda_kernels.bf16_mma(x2, w, y, tiles, unroll, warps, pdl, norm, residual, glu, rope)
+    gemv.bf16_linear(...)   # takes it as the "bf16_cu" configs at 2..8 rows, timed against cuBLAS and Triton
     cuda_kernels.decode_attention(q, k, v, k_cache, v_cache, pos, window, out, pdl)
     kv.decode_attention(..., cuda=True)  # takes it where it can (the Engine asks for int4 at batch 1), else Triton
 
@@ -50,6 +53,16 @@ its partial of each slice into the owner's shared memory, and the owners merge a
 slots load before griddepcontrol.wait. On the H200, per layer in a CUDA graph over 32 layers' caches (llama-3-8b
 heads, 385 slots, position 383): 4.29 us alone against the Triton split and merge's 4.06, 9.69 against 10.70 after
 each layer's int4 qkv GEMV. A first version, where block 0 merged all 16 partials by itself, took 7.5 us.
+
+bf16_mma: mma.sync.m16n8k16 (fp32 sums) with A = 16 rows of W and B = x^T, x's rows the mma's 8 columns; the k
+slots are a permutation of the columns that makes every fragment 16 contiguous bytes as loaded (see the kernel's
+comment): no shared memory for W or x, no conversions. A block owns tiles of 16 rows, its warps split K, and it
+walks its units persistently with the next unit's first loads in flight through its sum and epilogue. On the H200
+at 8 rows (in-graph, .gpu/s22_probe.py; cuBLAS beside it): o_proj 10.7-10.8 against 12.3 us, qkv 15.6 against
+14.6, gate_up 62.6 against 55.5-57.3, down 31.8 against 30.9-31.7, the lm head 255 against 240-250: the fragments'
+8 rows x 64 bytes a warp instruction reach ~0.87 of copy bandwidth on gate_up (Nsight Compute: 74% of DRAM
+throughput against cuBLAS's 86%). A first version without persistent blocks (a block a unit, the norm's rstd
+computed by each block) timed the same within noise.
 
 Built with nvcc at first use (~10 s, cached in ~/.cache/flint) into a shared library called through ctypes with
 torch's current stream (a CUDA graph captures the launch). available() is False where there is no nvcc, no GPU

@@ -100,6 +100,9 @@ after the wait and adds it as it stores. A llama block's decode step is then qkv
 o_proj, gate_up, down_proj: no norm, add or SwiGLU kernels (RoPE stays, one inductor kernel). On the H200:
 int8 +2.6%, bf16 +1.0% with the residual add only (BF16_NORM_MAX_K), SmolLM2 preset +6.4%. The other kernels
 (dot, mma, cuBLAS) get the norm and the add as plain ops. FLINT_GEMV_FUSE=0: model.py's own norms and adds.
+At 2..8 rows a bf16 Linear hands the op the residual add where the tuner picked a kernel that has it (Linear.fuses_rows,
+set by tune_linears from the picks, see rows_fusions(); the engine tunes a decode shape before tracing it): else
+the add stays outside, where inductor fuses it into the next norm's kernel.
 RoPE in the q/k/v matmul's epilogue (rope_cos, rope_sin [M, D], rope_rows; FLINT_GEMV_ROPE=0 turns it off): a
 program's BLOCK_N rows are rows i.. and i + D/2.. of one head (BLOCK_N dividing D), rotated as they are stored
 (the first rope_rows outputs: q and k; v as is); otherwise the linears rotate after the kernel. On the H200:
@@ -117,7 +120,9 @@ the int4 ones: int4 is bound by instructions and loads in flight, the small int8
 round trips to memory.
 
 Candidates: M = 1 the fma configs (and one dot; int4: the int4_cu ones where they build), 2..4 rows both and the mma
-kernels (int8_mma, int4_mma, bf16_mma), 5..8 dot and mma, 9..16 dot, 17..64 (continuous batching's decode batches)
+kernels (int8_mma, int4_mma, bf16_mma), 5..8 dot and mma (bf16 at 2..8 also cuda_kernels' tensor-core GEMV,
+"bf16_cu", where nvcc builds it: on the H200 it wins o_proj at 8 rows, 10.7-10.8 against cuBLAS's 12.3 us, and
+loses qkv, gate_up, down and the head by 2-12%), 9..16 dot, 17..64 (continuous batching's decode batches)
 dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every
 M > 64 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
 Without Triton (or on CPU without the interpreter) the ops compute the same thing with torch. The first call for a
@@ -1712,7 +1717,8 @@ def _picks_file() -> Optional[str]:
 @functools.cache
 def _tuning_context(device_index: int) -> str:
     """What a persisted pick holds for: the GPU, torch, Triton, this file's kernels and cuda_kernels.py's (any
-    edit retunes)."""
+    edit retunes), PDL, and whether cuda_kernels' kernels are candidates (picks made without them, e.g. with
+    FLINT_CUDA_KERNELS=0 or before nvcc was installed, would otherwise be kept once they are)."""
     import hashlib
 
     import triton
@@ -1726,7 +1732,8 @@ def _tuning_context(device_index: int) -> str:
     source = digest.hexdigest()[:12]
     major, minor = torch.cuda.get_device_capability(device_index)
     return (f"{torch.cuda.get_device_name(device_index)} sm_{major}{minor} | torch {torch.__version__} | "
-            f"triton {triton.__version__} | gemv.py {source} | PDL {int(pdl_supported(device_index))}")
+            f"triton {triton.__version__} | gemv.py {source} | PDL {int(pdl_supported(device_index))} | "
+            f"cuda_kernels {int(cuda_kernels.available(torch.device('cuda', device_index)))}")
 
 
 def _read_picks(path: str) -> dict:
