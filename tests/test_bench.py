@@ -72,3 +72,20 @@ def test_decode_ablations_runs_bench_with_pieces_taken_out():
                          "1", "--no-ref", "--json"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout.strip().splitlines()[-1])["tok_per_s"] > 0
+
+
+def test_bf16_gemv_shapes_says_what_it_needs():
+    # benchmarks/bf16_gemv_shapes.py (BENCHMARKS.md's bf16_cu table) is GPU-only: elsewhere, and for rows the
+    # kernel does not take, one line saying so (exit 1), no traceback
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "bf16_gemv_shapes.py")
+    bad = subprocess.run([sys.executable, script, "9"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "ROWS must be 1..8, got 9" in bad.stderr and "Traceback" not in bad.stderr
+    if not torch.cuda.is_available():
+        none = subprocess.run([sys.executable, script], capture_output=True, text=True)
+        assert none.returncode == 1 and "needs a CUDA GPU and nvcc" in none.stderr and "Traceback" not in none.stderr
