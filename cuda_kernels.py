@@ -468,20 +468,21 @@ __global__ void __launch_bounds__(512) int4_gemv_kernel(const Args a) {
 
 // ---------------------------------------------------------------- launches
 
-static int launch_kernel(const void *kernel, Args a, int units, size_t smem, int warps, int pdl, cudaStream_t stream) {
+// how many blocks of `warps` warps and `smem` bytes fit on the GPU at once (0 where the API cannot tell)
+static cudaError_t blocks_that_fit(const void *kernel, int warps, size_t smem, int *fit) {
     cudaError_t e;
-    if (smem > 48 * 1024) {
-        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return (int)e;
-    }
     int device, sms, per_sm = 0;
-    if ((e = cudaGetDevice(&device)) != cudaSuccess) return (int)e;
-    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)e;
+    *fit = 0;
+    if ((e = cudaGetDevice(&device)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return e;
     if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem)) != cudaSuccess)
-        return (int)e;
-    a.n_units = units;
-    int blocks = (units + warps - 1) / warps;
-    if (per_sm > 0 && blocks > per_sm * sms) blocks = per_sm * sms;  // persistent: the rest loop
+        return e;
+    *fit = per_sm * sms;
+    return cudaSuccess;
+}
+
+// a launch on stream, with programmatic dependent launch where pdl
+static int launch_on(const void *kernel, void **args, int blocks, int warps, size_t smem, int pdl, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(blocks);
     cfg.blockDim = dim3(warps * 32);
@@ -492,8 +493,22 @@ static int launch_kernel(const void *kernel, Args a, int units, size_t smem, int
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
-    void *args[] = {&a};
     return (int)cudaLaunchKernelExC(&cfg, kernel, args);
+}
+
+static int launch_kernel(const void *kernel, Args a, int units, size_t smem, int warps, int pdl, cudaStream_t stream) {
+    cudaError_t e;
+    if (smem > 48 * 1024) {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    int fit;
+    if ((e = blocks_that_fit(kernel, warps, smem, &fit)) != cudaSuccess) return (int)e;
+    a.n_units = units;
+    int blocks = (units + warps - 1) / warps;
+    if (fit > 0 && blocks > fit) blocks = fit;  // persistent: the rest loop
+    void *args[] = {&a};
+    return launch_on(kernel, args, blocks, warps, smem, pdl, stream);
 }
 
 template <int R, int U, int G, bool EVEN>
@@ -777,27 +792,14 @@ static int launch_mma(const MmaArgs &a, int warps, int pdl, cudaStream_t stream)
     const int units = a.glu || a.rope_d ? (tiles + P - 1) / P : (tiles + RT - 1) / RT;
     const size_t smem = (size_t)2 * warps * RT * 128 * sizeof(float);
     const void *kernel = (const void *)bf16_mma_kernel<RT, U, NORM>;
-    cudaError_t e;
-    int device, sms, per_sm = 0;
-    if ((e = cudaGetDevice(&device)) != cudaSuccess) return (int)e;
-    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)e;
-    if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem)) != cudaSuccess)
-        return (int)e;
+    int fit;
+    cudaError_t e = blocks_that_fit(kernel, warps, smem, &fit);
+    if (e != cudaSuccess) return (int)e;
     // as many blocks as fit, each taking the same number of units (the last ones one fewer)
-    const int fit = per_sm > 0 ? per_sm * sms : units, rounds = (units + fit - 1) / fit;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((units + rounds - 1) / rounds);
-    cfg.blockDim = dim3(warps * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
+    const int rounds = fit > 0 ? (units + fit - 1) / fit : 1;
     int n_units = units;
     void *args[] = {(void *)&a, (void *)&n_units};
-    return (int)cudaLaunchKernelExC(&cfg, kernel, args);
+    return launch_on(kernel, args, (units + rounds - 1) / rounds, warps, smem, pdl, stream);
 }
 
 extern "C" int flint_bf16_mma(const void *x, const void *w, void *y, int M, int N, int K, int ldx, int ldy,

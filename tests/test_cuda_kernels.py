@@ -72,6 +72,26 @@ def close(y, ref):
     assert (err <= bound).all(), f"max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"
 
 
+def fusion_operands(x, N, D):
+    """x [M, K] scaled to a few hundred (as a residual stream is), RMSNorm(x) with weight g, residuals for N and
+    N / 2 (glu) outputs, RoPE's cos and sin [M, D] and the rows it rotates: the fusions' inputs, on the GPU."""
+    M, K = x.shape
+    gen = torch.Generator().manual_seed(1)
+    x = (x.float() * 300).to(torch.bfloat16)
+    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(torch.bfloat16).cuda()
+    res = (10 * torch.randn(M, N, generator=gen)).to(torch.bfloat16).cuda()
+    res_glu = (10 * torch.randn(M, N // 2, generator=gen)).to(torch.bfloat16).cuda()
+    angle = torch.randn(M, D // 2, generator=gen) * 3
+    cos = torch.cat((angle.cos(), angle.cos()), -1).to(torch.bfloat16).cuda()
+    sin = torch.cat((angle.sin(), angle.sin()), -1).to(torch.bfloat16).cuda()
+    return x, gemv.rms_norm(x, g, 1e-5), g, res, res_glu, cos, sin, (N // D) // 2 * D
+
+
+def ok(got, want, what):
+    err = (got.float() - want.float()).abs()
+    assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), (what, err.max())
+
+
 def configs(K):
     return [("int4_cu", r, u, w, 1) for r, u in cuda_kernels.INSTANCES for w in WARPS
             if K % 1024 == 0 or (r, u) == (2, 1)]
@@ -95,22 +115,7 @@ def test_int4_gemv_fusions(N, K, G):
     # the norm (x of a few hundred, as a residual stream is), the residual, SwiGLU and RoPE against the
     # plain kernel's output with the ops applied after, as test_gemv checks the Triton kernels
     x, packed, sz, _ = problem(N, K, G)
-    gen = torch.Generator().manual_seed(1)
-    x = (x.float() * 300).to(torch.bfloat16)
-    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(torch.bfloat16).cuda()
-    res = (10 * torch.randn(1, N, generator=gen)).to(torch.bfloat16).cuda()
-    res_glu = (10 * torch.randn(1, N // 2, generator=gen)).to(torch.bfloat16).cuda()
-    D = 2 if N == 98 else 4 if N == 300 else 128
-    angle = torch.randn(1, D // 2, generator=gen) * 3
-    cos = torch.cat((angle.cos(), angle.cos()), -1).to(torch.bfloat16).cuda()
-    sin = torch.cat((angle.sin(), angle.sin()), -1).to(torch.bfloat16).cuda()
-    rope_rows = (N // D) // 2 * D
-    xn = gemv.rms_norm(x, g, 1e-5)
-
-    def ok(got, want, what):
-        err = (got.float() - want.float()).abs()
-        assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), (what, err.max())
-
+    x, xn, g, res, res_glu, cos, sin, rope_rows = fusion_operands(x, N, 2 if N == 98 else 4 if N == 300 else 128)
     for cfg in configs(K):
         plain = gemv._run_int4(xn, packed, sz, G, cfg)
         ok(gemv._run_int4(x, packed, sz, G, cfg, False, (g, 1e-5), res), plain.float() + res.float(), (cfg, "norm"))
@@ -199,23 +204,8 @@ def test_bf16_mma_every_instance(N, K):
 @pytest.mark.parametrize("M,N,K", [(8, 1024, 4096), (3, 512, 640), (8, 96 * 4, 96)])
 def test_bf16_mma_fusions(M, N, K):
     # against the plain kernel with the ops after it, as test_gemv checks the Triton kernels
-    gen = torch.Generator().manual_seed(1)
     x, w, _ = mma_problem(M, N, K)
-    x = (x.float() * 300).to(torch.bfloat16)
-    g = (1 + 0.5 * torch.randn(K, generator=gen)).to(torch.bfloat16).cuda()
-    res = (10 * torch.randn(M, N, generator=gen)).to(torch.bfloat16).cuda()
-    res_glu = (10 * torch.randn(M, N // 2, generator=gen)).to(torch.bfloat16).cuda()
-    D = 64 if N == 384 else 128
-    angle = torch.randn(M, D // 2, generator=gen) * 3
-    cos = torch.cat((angle.cos(), angle.cos()), -1).to(torch.bfloat16).cuda()
-    sin = torch.cat((angle.sin(), angle.sin()), -1).to(torch.bfloat16).cuda()
-    rope_rows = (N // D) // 2 * D
-    xn = gemv.rms_norm(x, g, 1e-5)
-
-    def ok(got, want, what):
-        err = (got.float() - want.float()).abs()
-        assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), (what, err.max())
-
+    x, xn, g, res, res_glu, cos, sin, rope_rows = fusion_operands(x, N, 64 if N == 384 else 128)
     for cfg in mma_configs():
         plain = gemv._run_dense(xn, w, None, cfg)
         ok(gemv._run_dense(x, w, None, cfg, False, (g, 1e-5), res), plain.float() + res.float(), (cfg, "norm"))
