@@ -121,8 +121,8 @@ round trips to memory.
 
 Candidates: M = 1 the fma configs (and one dot; int4: the int4_cu ones where they build), 2..4 rows both and the mma
 kernels (int8_mma, int4_mma, bf16_mma), 5..8 dot and mma (bf16 at 2..8 also cuda_kernels' tensor-core GEMV,
-"bf16_cu", where nvcc builds it: on the H200 it wins o_proj at 8 rows, 10.7-10.8 against cuBLAS's 12.3 us, and
-loses qkv, gate_up, down and the head by 2-12%), 9..16 dot, 17..64 (continuous batching's decode batches)
+"bf16_cu", where nvcc builds it: on the H200 at 8 rows it wins o_proj, 10.7-11.1 against cuBLAS's 12.3-12.4 us,
+qkv within +-7% of cuBLAS, gate_up, down and the head 1-12% slower), 9..16 dot, 17..64 (continuous batching's decode batches)
 dot timed against "dequant": dequantize to bf16 (int4 with a Triton kernel) and F.linear, which is also what every
 M > 64 (prefill, compute-bound) gets. For bf16 cuBLAS (F.linear) is a candidate at every M > 1: it wins some shapes.
 Without Triton (or on CPU without the interpreter) the ops compute the same thing with torch. The first call for a
@@ -2445,7 +2445,7 @@ def rows_fusions() -> str:
     """What bf16 linears take into their kernel at 2..8 rows (Linear.fuses_rows), FLINT_GEMV_FUSE_ROWS:
     "residual" (the default: the residual add, at the row buckets where the tuner picked a kernel that has it,
     cuda_kernels' bf16 mma kernel: elsewhere the add stays outside the op, where inductor fuses it into the next
-    norm's kernel; on the H200 llama-3-8b batch 8 +1.2%, SmolLM2 preset +2.5%), "all" (the norm and RoPE too,
+    norm's kernel; on the H200 llama-3-8b bf16 batch 8 and batch 4 +1.1%), "all" (the norm and RoPE too,
     wherever the bf16 mma kernel runs: the op then times only kernels that have them, since the others would
     run them as eager ops; at batch 8 that lost 2-3%: bf16_cu is slower than cuBLAS on qkv and gate_up), "0"
     (none; also FLINT_GEMV_FUSE=0)."""
@@ -2571,8 +2571,8 @@ def tune_linears(model: torch.nn.Module, dtype: torch.dtype, device, row_counts=
         for rows in buckets:
             x = torch.zeros(rows, m.in_features, dtype=dtype, device=device)
             m(x, glu=True) if glu else m(x)
-            if norm and (rows == 1 or getattr(m, "fuses_rows", False) and rows <= MMA_MAX_M
-                         and rows_fusions() == "all"):
+            if norm and (rows == 1 or 1 < rows <= MMA_MAX_M and rows_fusions() == "all" and isinstance(m, Linear)
+                         and _cuda_bf16_for(m.in_features)):
                 kw = {"glu": True} if glu else {}
                 parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
                 if name.endswith("qkv_proj") and rope_enabled() and hasattr(parent, "head_dim"):  # model.Attention
