@@ -58,10 +58,10 @@ bf16_mma: mma.sync.m16n8k16 (fp32 sums) with A = 16 rows of W and B = x^T, x's r
 slots are a permutation of the columns that makes every fragment 16 contiguous bytes as loaded (see the kernel's
 comment): no shared memory for W or x, no conversions. A block owns tiles of 16 rows, its warps split K, and it
 walks its units persistently with the next unit's first loads in flight through its sum and epilogue. On the H200
-at 8 rows (in-graph, .gpu/s22_probe.py; cuBLAS beside it): o_proj 10.7-10.8 against 12.3 us, qkv 15.6 against
-14.6, gate_up 62.6 against 55.5-57.3, down 31.8 against 30.9-31.7, the lm head 255 against 240-250: the fragments'
-8 rows x 64 bytes a warp instruction reach ~0.87 of copy bandwidth on gate_up (Nsight Compute: 74% of DRAM
-throughput against cuBLAS's 86%). A first version without persistent blocks (a block a unit, the norm's rstd
+at 8 rows (in-graph, benchmarks/bf16_gemv_shapes.py; cuBLAS beside it; three machines): o_proj 10.7-11.1 against
+12.3-12.4 us, qkv 15.6-15.7 against 14.6-16.6, gate_up 62.6-64.8 against 55.5-60.7, down 31.8-33.1 against
+30.9-31.9, the lm head 255-260 against 240-254: the fragments' 8 rows x 64 bytes a warp instruction reach ~0.87 of
+copy bandwidth on gate_up (Nsight Compute: 74% of DRAM throughput against cuBLAS's 86%). A first version without persistent blocks (a block a unit, the norm's rstd
 computed by each block) timed the same within noise.
 
 Built with nvcc at first use (~10 s, cached in ~/.cache/flint) into a shared library called through ctypes with
@@ -788,7 +788,8 @@ __global__ void __launch_bounds__(256) bf16_mma_kernel(const MmaArgs a, int n_un
 template <int RT, int U, bool NORM>
 static int launch_mma(const MmaArgs &a, int warps, int pdl, cudaStream_t stream) {
     constexpr int P = RT >= 2 ? RT / 2 : 1;
-    const int tiles = (a.glu || a.rope_d ? a.N / 2 : a.N + 15) / 16;  // of outputs (pairs: of pairs)
+    // tiles of outputs (pairs: of pairs; RoPE's halves are whole tiles, mma_supports)
+    const int tiles = ((a.glu || a.rope_d ? a.N / 2 : a.N) + 15) / 16;
     const int units = a.glu || a.rope_d ? (tiles + P - 1) / P : (tiles + RT - 1) / RT;
     const size_t smem = (size_t)2 * warps * RT * 128 * sizeof(float);
     const void *kernel = (const void *)bf16_mma_kernel<RT, U, NORM>;

@@ -2237,9 +2237,8 @@ def _run_bf16_cu(x2, w, cfg, glu, norm, residual, rope):
     if (not cuda_kernels.mma_supports(M, N, K, glu, rope_d) or x2.data_ptr() % 16 or x2.stride(0) % 8
             or w.data_ptr() % 16 or (norm is not None and norm[0].data_ptr() % 16)):
         return _run_dense(x2, w, None, _FMA_BF16[0] if M <= FMA_MAX_M else DEQUANT, glu, norm, residual, rope)
-    if glu and tiles % 2:  # no GLU epilogue for one tile: the plain kernel, then silu_mul
-        y = silu_mul(_run_bf16_cu(x2, w, cfg, False, norm, None, None))
-        return y if residual is None else residual + y
+    if glu and tiles % 2:  # no GLU epilogue for one tile: the plain kernel, then silu_mul's (as "+silu" runs it)
+        return _run_dense(x2, w, None, ("bf16_cu+silu",) + tuple(cfg[1:]), glu, norm, residual, rope)
     y = torch.empty(M, N // 2 if glu else N, dtype=torch.bfloat16, device=x2.device)
     if getattr(_compiling, "only", False):  # compile_candidates: the library was built by available()
         return y
@@ -2594,10 +2593,10 @@ def set_rows_fusions(model: torch.nn.Module, buckets, device: torch.device) -> N
         for b in buckets:
             if not 1 < b <= MMA_MAX_M:
                 continue
-            cfg = config_for("bf16", b, m.out_features, m.in_features, 0, device)
             if policy == "all":
                 fuses = _cuda_bf16_for(m.in_features)
             else:
+                cfg = config_for("bf16", b, m.out_features, m.in_features, 0, device)
                 fuses = policy != "0" and cfg is not None and cfg[0] in FUSES_NORM_RES
             (rows.add if fuses else rows.discard)(b)
         m.fuses_rows = frozenset(rows)

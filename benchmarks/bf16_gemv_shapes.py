@@ -51,17 +51,15 @@ def main():
         for c in configs:
             err = float((gemv._run_dense(x, w, None, c).float() - ref).abs().max() / ref.abs().max())
             plain[name_of(c)] = us(lambda w_, c=c: gemv._run_dense(x, w_, None, c)) if err < 1e-2 else f"wrong ({err:.3g})"
+        # the fusions a decode step asks of this shape: (glu, norm, residual, rope); RoPE and SwiGLU pair tiles
         norm = (torch.ones(K, **bf16), 1e-5)
+        cos = torch.ones(rows, 128, **bf16)
+        fusion = {"qkv": (False, norm, None, (cos, torch.zeros_like(cos), 5120)), "gate_up": (True, norm, None, None),
+                  "o_proj": (False, None, torch.randn(rows, N, **bf16), None),
+                  "down_proj": (False, None, torch.randn(rows, N, **bf16), None)}.get(name)
         for c in configs:
-            if name == "qkv" and c[1] % 2 == 0:  # RoPE pairs tiles
-                cos = torch.ones(rows, 128, **bf16)
-                rope = (cos, torch.zeros_like(cos), 5120)
-                fused[name_of(c)] = us(lambda w_, c=c: gemv._run_dense(x, w_, None, c, False, norm, None, rope))
-            elif name == "gate_up" and c[1] % 2 == 0:
-                fused[name_of(c)] = us(lambda w_, c=c: gemv._run_dense(x, w_, None, c, True, norm))
-            elif name in ("o_proj", "down_proj"):
-                res = torch.randn(rows, N, **bf16)
-                fused[name_of(c)] = us(lambda w_, c=c: gemv._run_dense(x, w_, None, c, False, None, res))
+            if fusion is not None and (fusion[2] is not None or c[1] % 2 == 0):
+                fused[name_of(c)] = us(lambda w_, c=c: gemv._run_dense(x, w_, None, c, *fusion))
         row["bf16_cu_us"] = plain
         if fused:
             row["bf16_cu_fused_us"] = fused

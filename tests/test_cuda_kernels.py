@@ -201,11 +201,12 @@ def test_bf16_mma_every_instance(N, K):
 
 
 @gpu
-@pytest.mark.parametrize("M,N,K", [(8, 1024, 4096), (3, 512, 640), (8, 96 * 4, 96)])
+@pytest.mark.parametrize("M,N,K", [(8, 1024, 4096), (3, 512, 640), (8, 96 * 4, 96), (5, 400, 640)])
 def test_bf16_mma_fusions(M, N, K):
-    # against the plain kernel with the ops after it, as test_gemv checks the Triton kernels
+    # against the plain kernel with the ops after it, as test_gemv checks the Triton kernels; N = 400: 200 gate
+    # rows, not a whole number of tiles (and a head dim of 80, which RoPE's tiles cannot take: the plain ops)
     x, w, _ = mma_problem(M, N, K)
-    x, xn, g, res, res_glu, cos, sin, rope_rows = fusion_operands(x, N, 64 if N == 384 else 128)
+    x, xn, g, res, res_glu, cos, sin, rope_rows = fusion_operands(x, N, {384: 64, 400: 80}.get(N, 128))
     for cfg in mma_configs():
         plain = gemv._run_dense(xn, w, None, cfg)
         ok(gemv._run_dense(x, w, None, cfg, False, (g, 1e-5), res), plain.float() + res.float(), (cfg, "norm"))

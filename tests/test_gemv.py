@@ -936,6 +936,7 @@ def test_linear_at_several_rows_takes_the_fusions_only_where_its_kernels_have_th
     want_norm = torch.nn.functional.linear(gemv.rms_norm(x, g, 1e-5), lin.weight) + res
     want_rope = gemv.rope_heads(torch.nn.functional.linear(gemv.rms_norm(x, g, 1e-5), lin.weight),
                                 cos, sin, 4 * 32)
+
     def ok(got, want):
         err = (got.float() - want.float()).abs()
         assert (err <= 2 ** -7 * want.float().abs() + 2 ** -9 * want.float().abs().max()).all(), err.max()
