@@ -37,11 +37,18 @@ def test_q4_linear_is_the_matmul_of_rounded_activations(N, K, G, M):
     assert y.shape == (M, N) and y.dtype == torch.float32
     ref = cpu_kernels.round_activations(x).double() @ w.double().t()
     torch.testing.assert_close(y.double(), ref, atol=1e-5 * max([1.0, *ref.abs().flatten().tolist()]), rtol=1e-5)
-    # and the rounding costs about what llama.cpp's does: ~0.5% of the output for even channels
-    x = torch.randn(M, K)
-    y = torch.ops.flint.cpu_q4_linear(x, cpu_kernels.pack_q4(q), cpu_kernels.pack_scales(scales, zeros), G)
-    exact = x.double() @ w.double().t()
-    assert M == 0 or (y - exact).norm() < 0.008 * exact.norm()
+    # and the rounding costs about what llama.cpp's does: ~0.5% of the output for even channels. Typically: one
+    # draw of a row or two can reach 1.6% (W's rows share an offset, and a row of x whose sum is small by chance
+    # leaves little of the output for the rounding to be small against), so the median of 15 seeded draws
+    # (medians 0.50-0.54% over these shapes; the test no longer depends on the RNG state the tests before it left)
+    if M > 0:
+        ratios = []
+        for seed in range(15):
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+            y = torch.ops.flint.cpu_q4_linear(x, cpu_kernels.pack_q4(q), cpu_kernels.pack_scales(scales, zeros), G)
+            exact = x.double() @ w.double().t()
+            ratios.append(float((y - exact).norm() / exact.norm()))
+        assert sorted(ratios)[7] < 0.008, ratios
 
 
 @pytest.mark.parametrize("N,K,M", [(49152 // 64, 576, 1), (80, 128, 7), (8, 32, 5)])
