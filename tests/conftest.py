@@ -10,9 +10,18 @@ if not torch.cuda.is_available():
     # gemv.py's Triton kernels run on CPU through Triton's interpreter (tests/test_gemv.py). It must be on
     # before anything imports triton (torch.compile may, in any test), so it is switched on here, first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist (-n W) each of the W worker processes gets its share of the cores
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 # gemv's tuner (on a GPU) keeps its picks in ~/.cache/flint: the tests tune afresh and leave the user's file alone
 os.environ["FLINT_GEMV_CACHE"] = "0"
+
+
+@pytest.fixture(autouse=True)
+def _same_random_numbers_in_any_order():
+    """Every test starts from the same global RNG state, whichever tests ran before it in its process (-n 2
+    splits the files between two processes, and a single test can be run alone)."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
