@@ -2,6 +2,7 @@
 SwiGLU and residual add against the plain ops, decode attention against SDPA, bad input, and compiled decode
 through them (its graphs without module guards, one set per model)."""
 import copy
+import statistics
 
 import pytest
 import torch
@@ -32,23 +33,25 @@ def q4_weight(N, K, G, seed=0):
                                      (64, 128, 32, 17), (8, 32, 32, 2), (16, 64, 64, 0)])
 def test_q4_linear_is_the_matmul_of_rounded_activations(N, K, G, M):
     q, scales, zeros, w = q4_weight(N, K, G)
+    packed, sz = cpu_kernels.pack_q4(q), cpu_kernels.pack_scales(scales, zeros)
     x = torch.randn(M, K) * torch.rand(1, K) * 4  # uneven channels: the per-block scales differ
-    y = torch.ops.flint.cpu_q4_linear(x, cpu_kernels.pack_q4(q), cpu_kernels.pack_scales(scales, zeros), G)
+    y = torch.ops.flint.cpu_q4_linear(x, packed, sz, G)
     assert y.shape == (M, N) and y.dtype == torch.float32
     ref = cpu_kernels.round_activations(x).double() @ w.double().t()
     torch.testing.assert_close(y.double(), ref, atol=1e-5 * max([1.0, *ref.abs().flatten().tolist()]), rtol=1e-5)
-    # and the rounding costs about what llama.cpp's does: ~0.5% of the output for even channels. Typically: one
-    # draw of a row or two can reach 1.6% (W's rows share an offset, and a row of x whose sum is small by chance
-    # leaves little of the output for the rounding to be small against), so the median of 15 seeded draws
-    # (medians 0.50-0.54% over these shapes; the test no longer depends on the RNG state the tests before it left)
+    # and the rounding costs about what llama.cpp's does: ~0.5% of the output for even channels. That is a typical
+    # figure, not a bound on every draw: one draw of a row or two can reach 1.6% (W's rows share an offset, and a
+    # row of x whose sum is small by chance leaves little output to measure the rounding against; over 300 draws
+    # the medians are 0.50-0.54% on these shapes). So: the median over 15 draws of a seeded generator (0.31-0.53%
+    # here), whatever RNG state earlier tests left.
     if M > 0:
+        gen = torch.Generator().manual_seed(0)
         ratios = []
-        for seed in range(15):
-            x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
-            y = torch.ops.flint.cpu_q4_linear(x, cpu_kernels.pack_q4(q), cpu_kernels.pack_scales(scales, zeros), G)
+        for _ in range(15):
+            x = torch.randn(M, K, generator=gen)
             exact = x.double() @ w.double().t()
-            ratios.append(float((y - exact).norm() / exact.norm()))
-        assert sorted(ratios)[7] < 0.008, ratios
+            ratios.append(float((torch.ops.flint.cpu_q4_linear(x, packed, sz, G) - exact).norm() / exact.norm()))
+        assert statistics.median(ratios) < 0.008, ratios
 
 
 @pytest.mark.parametrize("N,K,M", [(49152 // 64, 576, 1), (80, 128, 7), (8, 32, 5)])
