@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import cuda_kernels
 from model import ModelArgs, Transformer
 from quantize import format_quality, quality_table, quantize_model
 from sampling import SamplingParams
@@ -133,6 +134,8 @@ def bench_decode(opts) -> dict:
                              quant_head=opts.quant_head)
         name = opts.model or "smollm2-135m-instruct (embedded GGUF, real weights)"
     else:
+        if compile:
+            cuda_kernels.prebuild(device)  # as Engine.load: the GPU kernels build while the weights are made
         model = random_model(PRESETS[opts.preset], device, dtype)
         if opts.quant:
             quantize_model(model, opts.quant, opts.group_size, head=opts.quant_head or "int8")

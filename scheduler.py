@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import cuda_kernels
 import gemv
 from kv import NoFreeBlocks, PagedKVCache, StaticKVCache
 from quantize import Int4Linear, load_quantized, model_bytes, quantize_model, quantized_from_gguf
@@ -230,6 +231,7 @@ class Engine:
             # graph, so there all layers compile as one graph (one call per token; slower to compile).
             cuda = torch.device(device).type == "cuda"
             if cuda:  # decode's few-row bf16 matmuls through gemv.py's Triton GEMV (faster than cuBLAS there)
+                cuda_kernels.prebuild(device)  # nvcc in the background while torch.compile works (no-op once built)
                 gemv.use_for_linears(self.model)
             self.model.compile_decode(whole_model=not cuda)
         # bytes of weights one decode step reads: everything but the embedding table, of which a
@@ -259,6 +261,8 @@ class Engine:
             raise ValueError(f"unknown --quant '{quant}' (choose from int8, int4, gguf; GPTQ/AWQ: quantize.py)")
         if quant_head is not None and quant not in ("int8", "int4"):
             raise ValueError("--quant-head goes with --quant int8 or int4")
+        if compile:
+            cuda_kernels.prebuild(device)  # the GPU kernels build while the weights load
         if quant == "gguf":
             model, args, info = quantized_from_gguf(source or default_model_path(), device, dtype, progress)
         elif source is not None and is_quantized_dir(source):

@@ -49,6 +49,39 @@ def test_source_compiles_for_hopper():
     assert cuda_kernels._build("90").endswith(".so")
 
 
+def test_the_build_runs_once_in_the_background_and_keeps_its_failure(monkeypatch):
+    import threading
+    calls, release = [], threading.Event()
+
+    def fake_build(arch):
+        calls.append(arch)
+        release.wait(10)
+        if arch == "bad":
+            raise RuntimeError("nvcc failed: no")
+        return f"/tmp/{arch}.so"
+
+    monkeypatch.setattr(cuda_kernels, "_build", fake_build)
+    monkeypatch.setattr(cuda_kernels, "_builds", {})
+    first = cuda_kernels._build_in_background("ok")  # returns at once, the build still running
+    assert not first.done() and cuda_kernels._build_in_background("ok") is first
+    release.set()
+    assert first.result(10) == "/tmp/ok.so" and calls == ["ok"]
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        cuda_kernels._build_in_background("bad").result(10)
+    cuda_kernels.prebuild("cpu")  # nothing to build for a CPU
+    assert sorted(cuda_kernels._builds) == ["bad", "ok"] and calls == ["ok", "bad"]
+
+
+def test_the_engine_starts_the_build_before_loading(monkeypatch):
+    import scheduler
+    asked = []
+    monkeypatch.setattr(cuda_kernels, "prebuild", lambda device: asked.append(str(device)))
+    monkeypatch.setattr(scheduler, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        scheduler.Engine.load("x", device="cpu", compile=True)
+    assert asked == ["cpu"]
+
+
 # (N, K, G): K a multiple of 1024 (every instance) with a step count that U does not divide (3, 14); K = 640 (the
 # lanes past K); N = 28672 (more units than warps on the GPU: each warp takes several)
 SHAPES = [(300, 3072, 128), (258, 2048, 64), (130, 1024, 32), (98, 640, 128), (4096, 14336, 128), (28672, 1024, 128)]
