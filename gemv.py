@@ -1718,7 +1718,9 @@ def _picks_file() -> Optional[str]:
 def _tuning_context(device_index: int) -> str:
     """What a persisted pick holds for: the GPU, torch, Triton, this file's kernels and cuda_kernels.py's (any
     edit retunes), PDL, and whether cuda_kernels' kernels are candidates (picks made without them, e.g. with
-    FLINT_CUDA_KERNELS=0 or before nvcc was installed, would otherwise be kept once they are)."""
+    FLINT_CUDA_KERNELS=0 or before nvcc was installed, would otherwise be kept once they are). That is
+    cuda_kernels.buildable(), which does not wait for nvcc; a stored pick of a kernel that then fails to build is
+    not among the candidates and is timed again (stored_pick)."""
     import hashlib
 
     import triton
@@ -1733,7 +1735,7 @@ def _tuning_context(device_index: int) -> str:
     major, minor = torch.cuda.get_device_capability(device_index)
     return (f"{torch.cuda.get_device_name(device_index)} sm_{major}{minor} | torch {torch.__version__} | "
             f"triton {triton.__version__} | gemv.py {source} | PDL {int(pdl_supported(device_index))} | "
-            f"cuda_kernels {int(cuda_kernels.available(torch.device('cuda', device_index)))}")
+            f"cuda_kernels {int(cuda_kernels.buildable(torch.device('cuda', device_index)))}")
 
 
 def _read_picks(path: str) -> dict:

@@ -21,9 +21,9 @@ gpu = pytest.mark.skipif(not GPU, reason=f"no CUDA GPU or no nvcc ({cuda_kernels
 
 
 def test_offered_only_on_a_gpu_and_not_when_turned_off(monkeypatch):
-    assert not cuda_kernels.available("cpu")
+    assert not cuda_kernels.available("cpu") and not cuda_kernels.buildable("cpu")
     monkeypatch.setenv("FLINT_CUDA_KERNELS", "0")
-    assert not cuda_kernels.available("cuda")
+    assert not cuda_kernels.available("cuda") and not cuda_kernels.buildable("cuda")
 
 
 def test_supported_shapes():
@@ -68,6 +68,7 @@ def test_the_build_runs_once_in_the_background_and_keeps_its_failure(monkeypatch
     assert first.result(10) == "/tmp/ok.so" and calls == ["ok"]
     with pytest.raises(RuntimeError, match="nvcc failed"):
         cuda_kernels._build_in_background("bad").result(10)
+    cuda_kernels.wait_for_builds()  # returns (both done), the failure kept for available()
     cuda_kernels.prebuild("cpu")  # nothing to build for a CPU
     assert sorted(cuda_kernels._builds) == ["bad", "ok"] and calls == ["ok", "bad"]
 
