@@ -66,8 +66,9 @@ computed by each block) timed the same within noise.
 
 Built with nvcc at first use (~10 s, cached in ~/.cache/flint) into a shared library called through ctypes with
 torch's current stream (a CUDA graph captures the launch). prebuild(device) starts that build in a background thread
-(the Engine calls it before loading weights), so that on a machine's first run it overlaps loading and compiling. available() is False where there is no nvcc, no GPU
-of compute capability 8.0 or later, or FLINT_CUDA_KERNELS=0; gemv.py then keeps its Triton kernels.
+(the Engine calls it before loading weights), so that on a machine's first run it overlaps loading and compiling.
+available() is False where there is no nvcc, no GPU of compute capability 8.0 or later, or FLINT_CUDA_KERNELS=0;
+gemv.py then keeps its Triton kernels.
 """
 import concurrent.futures
 import ctypes
@@ -1172,15 +1173,23 @@ def _build_in_background(arch: str) -> concurrent.futures.Future:
         return _builds[arch]
 
 
+def _arch(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"{major}{minor}"
+
+
+def _wanted(device: torch.device) -> bool:
+    """What available() and buildable() both ask first: FLINT_CUDA_KERNELS not 0, a CUDA GPU of compute capability
+    8.0 or later, no build failed so far."""
+    return (os.environ.get("FLINT_CUDA_KERNELS", "1") != "0" and device.type == "cuda" and _error is None
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(_device_index(device)) >= (8, 0))
+
+
 def buildable(device) -> bool:
-    """Whether available() would build the kernels for device (a CUDA GPU of compute capability 8.0 or later, nvcc,
-    FLINT_CUDA_KERNELS not 0, no build failed so far), known without waiting for nvcc: gemv's picks file is keyed by
-    it, so a first tuning at one row (bf16 decode at batch 1, which has no kernel here) does not wait for the build."""
-    device = torch.device(device)
-    if (os.environ.get("FLINT_CUDA_KERNELS", "1") == "0" or device.type != "cuda" or _error is not None
-            or not torch.cuda.is_available() or _nvcc() is None):
-        return False
-    return torch.cuda.get_device_capability(_device_index(device)) >= (8, 0)
+    """Whether available() would build the kernels for device (_wanted and nvcc found), known without waiting for
+    nvcc: gemv's picks file is keyed by it, so a first tuning at one row (bf16 decode at batch 1, which has no kernel
+    here) does not wait for the build."""
+    return _wanted(torch.device(device)) and _nvcc() is not None
 
 
 def prebuild(device) -> None:
@@ -1189,8 +1198,7 @@ def prebuild(device) -> None:
     compile_s 17.4-18.2 against 21.6-21.9 s with the build in the first request). available() and the kernels wait
     for it; a failure shows there, as before."""
     if buildable(device):
-        major, minor = torch.cuda.get_device_capability(_device_index(torch.device(device)))
-        _build_in_background(f"{major}{minor}")
+        _build_in_background(_arch(_device_index(torch.device(device))))
 
 
 def wait_for_builds() -> None:
@@ -1202,8 +1210,7 @@ def wait_for_builds() -> None:
 
 @functools.cache
 def _library(device_index: int):
-    major, minor = torch.cuda.get_device_capability(device_index)
-    lib = ctypes.CDLL(_build_in_background(f"{major}{minor}").result())
+    lib = ctypes.CDLL(_build_in_background(_arch(device_index)).result())
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.flint_int4_gemv.argtypes = [p, p, p, p, i, i, i, p, f, p, i, p, p, i, i, i, i, i, i, p]
     lib.flint_int4_gemv.restype = i
@@ -1227,13 +1234,10 @@ def available(device) -> bool:
     call, which takes ~30 s; a failure is kept, see build_error()), FLINT_CUDA_KERNELS not 0."""
     global _error
     device = torch.device(device)
-    if os.environ.get("FLINT_CUDA_KERNELS", "1") == "0" or device.type != "cuda" or _error is not None:
-        return False
-    index = _device_index(device)
-    if torch.cuda.get_device_capability(index) < (8, 0):
+    if not _wanted(device):
         return False
     try:
-        _library(index)
+        _library(_device_index(device))
     except (OSError, RuntimeError) as e:
         _error = str(e)
         return False
